@@ -1,0 +1,144 @@
+"""``medtriad``: one entry point; each subcommand is a thin wrapper over the modules that do the work.
+
+    medtriad import brats SRC OUT        BraTS 2018 / 2021+ release -> dataset layout
+    medtriad check DATASET               integrity check, every problem named with case and file
+    medtriad train DATASET -c CONFIG -o RUN [--fold K] [--resume]
+    medtriad evaluate RUN DATASET [--split val|all]
+    medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from medtriad.io import CaseFileError
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from medtriad.data.importers import import_brats
+
+    out = import_brats(Path(args.src), Path(args.out), min_box_volume_mm3=args.min_box_volume,
+                       progress=not args.quiet)
+    print(f"dataset written to {out}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from medtriad.data.check import check_dataset, format_problems
+
+    problems = check_dataset(Path(args.dataset), progress=not args.quiet)
+    if problems:
+        print(format_problems(problems), file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: no problems found")
+    return 0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set expects section.key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medtriad.config import Config
+    from medtriad.training.trainer import train
+
+    run = Path(args.output)
+    if args.resume:
+        if not (run / "config.yaml").is_file():
+            raise ValueError(f"--resume: {run} holds no config.yaml; nothing to resume")
+        config = Config.load(run / "config.yaml")
+    else:
+        config = Config.load(args.config, _overrides(args.set))
+    result = train(args.dataset, config, run, fold=args.fold, resume=args.resume, device=args.device,
+                   progress=not args.quiet)
+    print(f"run folder: {result.run_dir} (epochs {result.epochs_done}, best validation score {result.best_score:.4f})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtriad.evaluation.run import evaluate_run
+
+    out, summary = evaluate_run(Path(args.run), Path(args.dataset), split=args.split, device=args.device,
+                                output=args.output, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str)[:4000])
+    print(f"per-case metrics and summary written to {out}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from medtriad.data.synth import generate_dataset
+
+    out = generate_dataset(Path(args.out), args.cases, size=args.size, seed=args.seed, progress=not args.quiet)
+    print(f"synthetic dataset written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtriad", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="convert a public release into the dataset layout")
+    fmt = p.add_subparsers(dest="format", required=True)
+    b = fmt.add_parser("brats", help="BraTS 2018 (HGG/LGG, labels 0/1/2/4) or 2021+ (labels 0/1/2/3)")
+    b.add_argument("src")
+    b.add_argument("out")
+    b.add_argument("--min-box-volume", type=float, default=100.0, help="smallest lesion (mm^3) that gets a box")
+    b.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("check", help="verify every case of a dataset")
+    p.add_argument("dataset")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("train", help="train a multi-task model")
+    p.add_argument("dataset")
+    p.add_argument("-c", "--config", default="brats-cpu", help="YAML file or packaged recipe name")
+    p.add_argument("-o", "--output", required=True, help="run folder")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset")
+    p.add_argument("run")
+    p.add_argument("dataset")
+    p.add_argument("--split", choices=["val", "all"], default="val")
+    p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("synth", help="generate a synthetic BraTS-like dataset")
+    p.add_argument("out")
+    p.add_argument("--cases", type=int, default=24)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    for leaf in (b, *(sub.choices[name] for name in sub.choices if name != "import")):
+        leaf.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CaseFileError, ValueError, FileNotFoundError) as error:
+        print(f"medtriad {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Run configuration: dataclasses for data, model, training and inference, YAML in and out.
+
+A config file names only what it changes; everything else takes the defaults below. The fully resolved config is
+saved as ``config.yaml`` in every run folder, so a run can always be reproduced and its model rebuilt.
+Named recipes ship with the package (``src/medtriad/configs/*.yaml``); ``-c brats-cpu`` finds them by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtriad.io import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    """How cases become network inputs.
+
+    Args:
+        spacing: target voxel spacing in mm (x, y, z); every case is resampled to it.
+        patch_size: training patch in voxels of the target grid; must be a multiple of the encoder's size_divisible.
+        foreground_ratio: share of patches centred on tumour (label > 0); the rest are centred anywhere.
+        min_patch_box_voxels: a box cut by the patch border is kept while at least this many of its voxels remain.
+    """
+
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    foreground_ratio: float = 0.67
+    min_patch_box_voxels: int = 8
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder and which heads; any subset of heads builds.
+
+    Args:
+        encoder: a name from the encoder registry (``swin``, ``resenc``).
+        encoder_kwargs: passed to the encoder's constructor.
+        heads: subset of ``segmentation``, ``detection``, ``classification``.
+        detection: detection head settings (anchor shapes are derived from the training boxes when absent).
+        classification_hidden: width of the attention-pooling MLP.
+    """
+
+    encoder: str = "resenc"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    heads: tuple[str, ...] = ("segmentation", "detection", "classification")
+    detection: dict[str, Any] = field(default_factory=dict)
+    classification_hidden: int = 128
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation recipe.
+
+    Args:
+        epochs: number of epochs; each runs ``iterations_per_epoch`` steps then validates.
+        max_minutes: stop (after the current epoch's validation) once this much wall time has passed; 0 = no limit.
+        balancing: ``fixed``, ``uncertainty`` (Kendall et al. 2018) or ``gradnorm`` (Chen et al. 2018).
+        loss_weights: task -> weight for ``fixed`` (missing tasks weigh 1).
+        num_folds: k of the stratified k-fold split; ``--fold K`` picks the validation fold.
+        accumulate: gradient accumulation steps.
+    """
+
+    epochs: int = 50
+    iterations_per_epoch: int = 50
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_iterations: int = 20
+    balancing: str = "fixed"
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    gradnorm_alpha: float = 1.5
+    num_folds: int = 5
+    seed: int = 0
+    max_minutes: float = 0.0
+    accumulate: int = 1
+    num_threads: int = 0
+    validate_every: int = 1
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window inference settings (used for validation, evaluation and prediction).
+
+    Args:
+        roi_size: window in voxels of the target grid; ``None`` = the whole (padded) volume in one window.
+        overlap: window overlap fraction.
+        score_threshold: detection boxes below this score are dropped.
+        nms_threshold: IoU above which overlapping boxes are suppressed (within and across windows).
+        max_detections: boxes kept per case.
+    """
+
+    roi_size: tuple[int, int, int] | None = None
+    overlap: float = 0.25
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.1
+    max_detections: int = 20
+    segmentation_threshold: float = 0.5
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        built = {}
+        for f in dataclasses.fields(cls):
+            section_cls = type(f.default_factory())  # type: ignore[misc]
+            built[f.name] = _build(section_cls, raw.get(f.name) or {}, f.name)
+        return cls(**built)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":
+        """Load a YAML file or a packaged recipe by name; ``None`` gives the defaults."""
+        raw: dict[str, Any] = {}
+        if name_or_path is not None:
+            raw = yaml.safe_load(_resolve(name_or_path).read_text()) or {}
+        for key, value in (overrides or {}).items():
+            section, _, name = key.partition(".")
+            raw.setdefault(section, {})[name] = value
+        return cls.from_dict(raw)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("medtriad.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = resources.files("medtriad.configs") / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise ValueError(f"config {str(name_or_path)!r} is neither a file nor a packaged recipe {list_recipes()}")
+
+
+def _build(section_cls: type, raw: dict[str, Any], section: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in config section {section!r}; known: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        default = getattr(section_cls(), name)
+        if isinstance(default, tuple) or (default is None and isinstance(value, list)):
+            value = tuple(value) if value is not None else None
+        values[name] = value
+    return section_cls(**values)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

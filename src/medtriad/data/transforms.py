@@ -1,0 +1,246 @@
+"""From channel files to network inputs and back: preprocessing, training patches, and the inverse geometry.
+
+Preprocessing (:func:`load_sample`, :func:`preprocess_images`): channels are read with nibabel, reoriented to the
+closest canonical (RAS) axes, resampled to the model's spacing, and z-scored per channel on foreground (non-zero)
+voxels. Missing channels arrive zero-filled (zero is the mean after z-scoring) with ``channel_mask`` False.
+Every step is recorded in :class:`Geometry`, which maps model-grid outputs back onto the input file's own grid:
+masks land on the same voxels, boxes come out in input voxel and world (mm) coordinates.
+
+Training patches (:func:`training_transforms`): MONAI dictionary transforms crop foreground-oversampled patches and
+augment them (flips, 90-degree rotations, scaling, intensity). Boxes stay consistent with masks by construction: a
+connected-component instance map travels through the same spatial transforms as the image (nearest-neighbour), and
+each patch's boxes are read off the augmented instance map (:func:`medtriad.data.boxes.boxes_from_instances`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    NormalizeIntensity,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandZoomd,
+)
+
+from medtriad.data.boxes import boxes_from_mask, instances_from_boxes, instances_from_mask
+from medtriad.data.layout import Case, DatasetSpec
+from medtriad.io import CaseFileError, load_nifti
+
+
+@dataclass
+class Geometry:
+    """How the model grid relates to the input file's grid.
+
+    Attributes:
+        affine / shape: the input file's affine and array shape.
+        ornt: nibabel orientation transform from the input array to the canonical (RAS) array.
+        model_affine / model_shape: affine and shape of the resampled canonical grid the model sees.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    ornt: np.ndarray
+    model_affine: np.ndarray
+    model_shape: tuple[int, int, int]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(0))
+
+    def to_canonical(self, array: np.ndarray) -> np.ndarray:
+        """(..., X, Y, Z) input-grid array -> canonical axes (leading axes untouched)."""
+        return _apply_ornt(array, self.ornt)
+
+    def from_canonical(self, array: np.ndarray) -> np.ndarray:
+        return _apply_ornt(array, nib.orientations.ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), self.ornt))
+
+
+def _apply_ornt(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    lead = array.ndim - 3
+    full = np.concatenate([[[k, 1] for k in range(lead)], ornt + [[lead, 0]]]) if lead else ornt
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, full))
+
+
+def make_geometry(affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]) -> Geometry:
+    """The canonical, resampled grid for an input of ``shape`` with ``affine`` at target ``spacing`` (mm)."""
+    ornt = nib.orientations.io_orientation(affine)
+    canon_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    canon_shape = tuple(int(shape[int(ax)]) for ax in ornt[:, 0].argsort())
+    canon_spacing = np.sqrt((canon_affine[:3, :3] ** 2).sum(0))
+    model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(canon_shape, canon_spacing, spacing))
+    scale = np.array(canon_shape, dtype=float) / np.array(model_shape, dtype=float)
+    # align_corners=False resampling: model index j sits at canonical index (j + 0.5) * scale - 0.5
+    resample = np.eye(4)
+    resample[:3, :3] = np.diag(scale)
+    resample[:3, 3] = 0.5 * scale - 0.5
+    return Geometry(np.asarray(affine, dtype=float), tuple(int(s) for s in shape), ornt, canon_affine @ resample,
+                    model_shape)
+
+
+def resample(array: np.ndarray | torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+    """(C, X, Y, Z) -> (C, *size) with trilinear or nearest-exact interpolation."""
+    t = torch.as_tensor(array)
+    dtype = t.dtype
+    out = F.interpolate(t[None].float(), size=tuple(size), mode=mode,
+                        **({"align_corners": False} if mode == "trilinear" else {}))[0]
+    return out if mode == "trilinear" else out.to(dtype)
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """Per-channel z-score over non-zero (foreground) voxels, as nnU-Net does for skull-stripped MRI."""
+    return NormalizeIntensity(nonzero=True, channel_wise=True)(image).as_tensor().float()
+
+
+@dataclass
+class Sample:
+    """One case on the model grid.
+
+    Attributes:
+        image: (C, X, Y, Z) float32, normalised; missing channels are zeros.
+        channel_mask: (C,) bool, True where the channel was present.
+        regions: (R, X, Y, Z) uint8 region masks, or None without a label file.
+        instances: (X, Y, Z) int32 lesion instance ids (boxes' source), or None.
+        label: the label map on the input grid (for evaluation), or None.
+    """
+
+    case_id: str
+    image: torch.Tensor
+    channel_mask: torch.Tensor
+    geometry: Geometry
+    regions: torch.Tensor | None = None
+    instances: torch.Tensor | None = None
+    label: np.ndarray | None = None
+    classes: dict = field(default_factory=dict)
+    boxes: np.ndarray | None = None  # (M, 6) ground-truth boxes in input voxel coordinates
+
+
+def preprocess_images(channels: Sequence[np.ndarray | None], affine: np.ndarray, spacing: Sequence[float],
+                      case_id: str = "?") -> tuple[torch.Tensor, torch.Tensor, Geometry]:
+    """Channel arrays on one grid (None = missing) -> (image (C, ...), channel_mask (C,), geometry)."""
+    present = [c for c in channels if c is not None]
+    if not present:
+        raise CaseFileError(case_id, "(no channel file)", "no image channel present")
+    shape = present[0].shape
+    geometry = make_geometry(affine, shape, spacing)
+    stack = np.zeros((len(channels), *shape), dtype=np.float32)
+    for i, c in enumerate(channels):
+        if c is not None:
+            stack[i] = c
+    image = resample(geometry.to_canonical(stack), geometry.model_shape, "trilinear")
+    mask = torch.tensor([c is not None for c in channels])
+    return normalize(image) * mask[:, None, None, None], mask, geometry
+
+
+def read_channels(files: Mapping[int, Path | None], case_id: str) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """Read every channel file; all present channels must share shape and affine (else CaseFileError)."""
+    arrays: list[np.ndarray | None] = []
+    reference: tuple[Path, tuple, np.ndarray] | None = None
+    for index in sorted(files):
+        path = files[index]
+        if path is None:
+            arrays.append(None)
+            continue
+        data, affine = load_nifti(path, case_id)
+        if not np.isfinite(data).all():
+            raise CaseFileError(case_id, path, "image holds NaN or infinite values")
+        if reference is None:
+            reference = (path, data.shape, affine)
+        elif data.shape != reference[1]:
+            raise CaseFileError(case_id, path, f"shape {data.shape} differs from {reference[1]} of {reference[0].name}")
+        elif not np.allclose(affine, reference[2], atol=1e-3):
+            raise CaseFileError(case_id, path, f"affine differs from that of {reference[0].name}")
+        arrays.append(data.astype(np.float32, copy=False))
+    if reference is None:
+        raise CaseFileError(case_id, "(no channel file)", "no image channel present")
+    return arrays, reference[2]
+
+
+def regions_from_label(label: np.ndarray, regions: Mapping[str, Sequence[int]]) -> np.ndarray:
+    """(X, Y, Z) label map -> (R, X, Y, Z) uint8 region masks in ``regions`` order."""
+    return np.stack([np.isin(label, list(values)) for values in regions.values()]).astype(np.uint8)
+
+
+def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_targets: bool = True) -> Sample:
+    """Read and preprocess one case of a dataset (images, and targets when ``with_targets``)."""
+    channels, affine = read_channels(case.image_files, case.case_id)
+    image, mask, geometry = preprocess_images(channels, affine, spacing, case.case_id)
+    sample = Sample(case.case_id, image, mask, geometry, classes=dict(case.classes))
+    if not with_targets:
+        return sample
+    if case.label_file is not None:
+        label, label_affine = load_nifti(case.label_file, case.case_id)
+        if label.shape != geometry.shape:
+            raise CaseFileError(case.case_id, case.label_file,
+                                f"label shape {label.shape} differs from image shape {geometry.shape}")
+        if not np.allclose(label_affine, affine, atol=1e-3):
+            raise CaseFileError(case.case_id, case.label_file, "label affine differs from the image affine")
+        label = np.rint(label).astype(np.int16)
+        unknown = sorted(set(np.unique(label).tolist()) - set(spec.labels.values()))
+        if unknown:
+            raise CaseFileError(case.case_id, case.label_file,
+                                f"label values {unknown} are not declared in dataset.json {spec.labels}")
+        sample.label = label
+        regions = regions_from_label(label, spec.regions)
+        sample.regions = (resample(geometry.to_canonical(regions), geometry.model_shape, "trilinear") > 0.5).to(
+            torch.uint8)
+        if spec.detection_region:
+            region = np.isin(label, list(spec.regions[spec.detection_region]))
+            instances = instances_from_mask(region, affine, spec.min_box_volume_mm3)
+            sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape, "nearest")[0]
+    if case.boxes is not None:
+        sample.boxes = np.array([b.voxel for b in case.boxes], dtype=np.float32).reshape(-1, 6)
+        if sample.instances is None:
+            instances = instances_from_boxes(geometry.shape, sample.boxes)
+            sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape, "nearest")[0]
+    elif sample.label is not None and spec.detection_region:
+        region = np.isin(sample.label, list(spec.regions[spec.detection_region]))
+        found = boxes_from_mask(region, affine, spec.min_box_volume_mm3)
+        sample.boxes = np.array([b.voxel for b in found], dtype=np.float32).reshape(-1, 6)
+    return sample
+
+
+def training_transforms(patch_size: Sequence[int], foreground_ratio: float) -> Compose:
+    """Patch sampling and augmentation over keys ``image``, ``regions``, ``instances``.
+
+    Expects ``foreground`` (1, X, Y, Z) for the positive/negative crop and a volume at least ``patch_size`` large
+    (see :func:`pad_to`). Rotations are in the x-y plane only, so non-cubic patches keep their shape when x == y.
+    """
+    keys = ["image", "regions", "instances"]
+    spatial = [
+        RandCropByPosNegLabeld(keys, label_key="foreground", spatial_size=tuple(patch_size), pos=foreground_ratio,
+                               neg=1.0 - foreground_ratio, num_samples=1, allow_smaller=False),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandZoomd(keys, prob=0.3, min_zoom=0.85, max_zoom=1.15, mode=("trilinear", "nearest", "nearest"),
+                  keep_size=True),
+    ]
+    if patch_size[0] == patch_size[1]:
+        spatial.insert(4, RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
+    intensity = [
+        RandScaleIntensityd("image", factors=0.15, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.15, prob=0.5),
+        RandGaussianNoised("image", prob=0.15, std=0.05),
+    ]
+    return Compose(spatial + intensity)
+
+
+def pad_to(array: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Zero-pad (C, X, Y, Z) symmetrically so each spatial size is at least ``size``."""
+    pads: list[int] = []
+    for have, want in reversed(list(zip(array.shape[1:], size))):
+        extra = max(0, want - have)
+        pads += [extra // 2, extra - extra // 2]
+    return F.pad(array, pads) if any(pads) else array

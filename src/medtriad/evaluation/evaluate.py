@@ -1,0 +1,129 @@
+"""Evaluate a model on cases: per-case rows and a summary for all three tasks.
+
+Used for validation every epoch and by ``medtriad evaluate``. Segmentation is scored on the input's own grid
+(the written mask against the label file, regions derived from both); detection with COCO-style AP over all cases
+(boxes in input voxel coordinates); classification over the cases' class probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medtriad.data.transforms import Sample, regions_from_label
+from medtriad.evaluation.metrics import (
+    classification_metrics,
+    detection_metrics,
+    per_case_detection,
+    segmentation_metrics,
+    summarize,
+)
+from medtriad.inference.predictor import Prediction, Predictor
+from medtriad.io import atomic_write_text, write_json
+
+
+def evaluate_samples(predictor: Predictor, samples: Iterable[Sample], progress: bool = False,
+                     keep_predictions: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], list[Prediction]]:
+    """Predict and score every sample.
+
+    Returns:
+        rows: one dict per case (Dice/HD95 per region, detection TP/FP/FN at IoU 0.1, class probabilities and targets);
+        summary: ``{"segmentation": {metric: {mean, std, median, count}}, "detection": {...},
+        "classification": {task: {...}}, "score": model-selection score, "num_cases": n}``;
+        predictions: the Prediction objects when ``keep_predictions`` (for reports), else empty.
+    """
+    spec = predictor.spec
+    regions = list(spec.regions)
+    rows: list[dict[str, Any]] = []
+    kept: list[Prediction] = []
+    det_pred, det_scores, det_gt = [], [], []
+    cls_probs: dict[str, list] = {t: [] for t in spec.tasks}
+    cls_targets: dict[str, list] = {t: [] for t in spec.tasks}
+    samples = list(samples)
+    for sample in tqdm(samples, desc="evaluate", unit="case", disable=not progress, leave=False):
+        pred = predictor.predict_sample(sample)
+        if keep_predictions:
+            kept.append(pred)
+        row: dict[str, Any] = {"case": sample.case_id}
+        if pred.mask is not None and sample.label is not None:
+            p = regions_from_label(pred.mask, spec.regions).astype(bool)
+            t = regions_from_label(sample.label, spec.regions).astype(bool)
+            row.update(segmentation_metrics(p, t, regions, sample.geometry.spacing))
+        if "detection" in spec.heads and sample.boxes is not None:
+            row.update({f"det_{k}": v for k, v in per_case_detection(pred.boxes_voxel, pred.scores,
+                                                                     sample.boxes).items()})
+            row["det_num_pred"] = int(len(pred.scores))
+            det_pred.append(pred.boxes_voxel)
+            det_scores.append(pred.scores)
+            det_gt.append(sample.boxes)
+        for task, probs in pred.probabilities.items():
+            for name, value in probs.items():
+                row[f"p_{task}_{name}"] = round(value, 6)
+            target = sample.classes.get(task)
+            row[f"target_{task}"] = "" if target is None else (
+                ";".join(map(str, target)) if isinstance(target, (tuple, list)) else target)
+            info = spec.tasks[task]
+            values = list(probs.values())
+            cls_probs[task].append(values[1] if info["kind"] == "binary" else values)
+            cls_targets[task].append(-1 if target is None else target)
+        rows.append(row)
+    summary: dict[str, Any] = {"num_cases": len(rows)}
+    seg_rows = [{k: v for k, v in r.items() if k.startswith(("dice_", "hd95_"))} for r in rows]
+    if any(seg_rows):
+        summary["segmentation"] = summarize([r for r in seg_rows if r])
+    if det_gt:
+        summary["detection"] = detection_metrics(det_pred, det_scores, det_gt)
+    if any(cls_probs.values()):
+        summary["classification"] = {
+            task: classification_metrics(spec.tasks[task]["kind"], np.asarray(cls_probs[task], dtype=float),
+                                         _targets(cls_targets[task], spec.tasks[task]["kind"]),
+                                         spec.tasks[task]["classes"])
+            for task in spec.tasks if cls_probs[task]}
+    summary["score"] = selection_score(summary, regions)
+    return rows, summary, kept
+
+
+def _targets(targets: list, kind: str) -> np.ndarray:
+    if kind == "multilabel":
+        width = max((len(t) for t in targets if t != -1), default=0)
+        return np.array([t if t != -1 else [-1] * width for t in targets], dtype=float)
+    return np.asarray(targets, dtype=float)
+
+
+def selection_score(summary: dict[str, Any], regions: list[str]) -> float:
+    """One number to pick the best epoch: the mean of the available task scores (mean Dice over regions,
+    AP at IoU 0.10, and each task's AUC); undefined parts (NaN) are left out."""
+    parts = []
+    seg = summary.get("segmentation", {})
+    dice = [seg[f"dice_{r}"]["mean"] for r in regions if f"dice_{r}" in seg]
+    if dice:
+        parts.append(float(np.mean(dice)))
+    if "detection" in summary:
+        parts.append(summary["detection"].get("AP_IoU_0.10", math.nan))
+    for metrics in summary.get("classification", {}).values():
+        parts.append(metrics.get("auc", metrics.get("macro_auc", math.nan)))
+    parts = [p for p in parts if p is not None and np.isfinite(p)]
+    return float(np.mean(parts)) if parts else math.nan
+
+
+def write_results(folder: str | Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """``per_case.csv`` and ``summary.json`` in ``folder`` (atomic writes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(folder / "per_case.csv", buffer.getvalue())
+    write_json(folder / "summary.json", summary)

@@ -1,0 +1,43 @@
+"""``medtriad evaluate``: score a run's best checkpoint on its validation fold (or on every case of a dataset)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from medtriad.data.layout import load_dataset
+from medtriad.data.transforms import load_sample
+from medtriad.evaluation.evaluate import evaluate_samples, write_results
+from medtriad.inference.predictor import Predictor
+
+
+def evaluate_run(run: Path, dataset: Path, split: str = "val", device: str | None = None,
+                 output: str | Path | None = None, checkpoint: str = "best",
+                 progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Write ``per_case.csv`` and ``summary.json`` to ``output`` (default ``RUN/evaluation_<split>``).
+
+    ``split="val"`` takes the validation cases recorded in the run's ``split.json``; ``"all"`` every case of
+    ``dataset`` (for an external test set).
+    """
+    predictor = Predictor.from_pretrained(run, device=device, checkpoint=checkpoint)
+    spec, cases = load_dataset(dataset)
+    if split == "val":
+        split_file = run / "split.json"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{split_file} not found: --split val needs the run's split (or use --split all)")
+        wanted = set(json.loads(split_file.read_text())["val"])
+        missing = wanted - {c.case_id for c in cases}
+        if missing:
+            raise ValueError(f"validation cases {sorted(missing)} of {split_file} are not in {dataset}")
+        cases = [c for c in cases if c.case_id in wanted]
+    elif split != "all":
+        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    samples = (load_sample(c, spec, predictor.spec.spacing)
+               for c in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress))
+    rows, summary, _ = evaluate_samples(predictor, samples)
+    out = Path(output) if output else run / f"evaluation_{split}"
+    write_results(out, rows, summary)
+    return out, summary

@@ -1,0 +1,230 @@
+"""Predictor: one encoder pass per window feeds every head; results land in the input scan's own geometry.
+
+Windows: with ``roi_size`` unset the whole volume (zero-padded at its end to the encoder's size divisor) is one
+window; otherwise Gaussian-weighted sliding windows (MONAI's ``dense_patch_slices`` and importance map) tile it.
+Per window the encoder runs once; the segmentation head's probabilities are blended, the detection head's boxes are
+shifted into volume coordinates and merged by NMS, and the classification head's attention tokens are gathered so
+that the case-level attention pooling runs over the tokens of all windows at once (the same pooling as one window
+holding the whole volume).
+
+Outputs are mapped back through :class:`medtriad.data.transforms.Geometry`: region probabilities are resampled to
+the input grid and decoded into the training label convention (BraTS 0/1/2/4 stays 0/1/2/4) by choosing, per voxel,
+the label whose region memberships are most probable; boxes come out in input voxel and world (mm) coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data.box_utils import non_max_suppression
+from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+
+from medtriad.checkpoint import load_weights, resolve_checkpoint
+from medtriad.config import Config, InferenceConfig
+from medtriad.data.boxes import voxel_box_to_world, world_box_to_voxel
+from medtriad.data.transforms import Geometry, Sample, preprocess_images, read_channels, resample
+from medtriad.models.heads.classification import ClassificationHead
+from medtriad.models.multitask import ModelSpec, MultiTaskModel
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Prediction:
+    """One case's results on the input grid.
+
+    Attributes:
+        mask: (X, Y, Z) label map in the training label convention (None without a segmentation head).
+        boxes_voxel / boxes_world: (N, 6) xyzxyz boxes in input voxels (half-open edges) and world mm.
+        scores: (N,) detection scores.
+        probabilities: task -> {class or label name: probability}.
+    """
+
+    case_id: str
+    geometry: Geometry
+    mask: np.ndarray | None = None
+    boxes_voxel: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), np.float32))
+    boxes_world: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class GridOutput:
+    """Raw outputs on the model grid (before mapping back)."""
+
+    region_probs: torch.Tensor | None  # (R, X, Y, Z)
+    boxes: torch.Tensor  # (N, 6)
+    scores: torch.Tensor  # (N,)
+    class_probs: dict[str, torch.Tensor]  # task -> (n,)
+
+
+class Predictor:
+    """Runs a trained :class:`MultiTaskModel` on scans.
+
+    Example::
+
+        predictor = Predictor.from_pretrained("runs/brats")
+        result = predictor.predict(["case_0000.nii.gz", "case_0001.nii.gz", "case_0002.nii.gz", "case_0003.nii.gz"])
+    """
+
+    def __init__(self, model: MultiTaskModel, inference: InferenceConfig | None = None, device: str | None = None):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.spec: ModelSpec = model.spec
+        self.inference = inference or InferenceConfig()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best") -> "Predictor":
+        """Load from a run folder (``model.json``, ``config.yaml``, ``checkpoints/<checkpoint>``) or a checkpoint folder
+        that holds its own ``model.json``."""
+        path = Path(path)
+        if (path / "model.json").is_file() and (path / "checkpoints").is_dir():
+            run, folder = path, path / "checkpoints" / checkpoint
+        else:
+            run, folder = path.parent.parent, path
+        spec_file = folder / "model.json" if (folder / "model.json").is_file() else run / "model.json"
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"no model.json in {path}: expected a run folder or a checkpoint folder")
+        spec = ModelSpec.load(spec_file)
+        config = Config.load(run / "config.yaml") if (run / "config.yaml").is_file() else Config()
+        model = MultiTaskModel(spec)
+        weights = load_weights(resolve_checkpoint(folder))
+        model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("balancer.")})
+        return cls(model, config.inference, device)
+
+    # ------------------------------------------------------------------ model grid
+    @torch.no_grad()
+    def predict_grid(self, image: torch.Tensor) -> GridOutput:
+        """(C, X, Y, Z) normalised image on the model grid -> raw outputs on that grid."""
+        heads = self.model.heads
+        div = self.model.size_divisible
+        shape = tuple(image.shape[1:])
+        roi = self.inference.roi_size
+        if roi is None:
+            roi = tuple(int(np.ceil(s / div) * div) for s in shape)
+        roi = tuple(int(np.ceil(r / div) * div) for r in roi)
+        padded_shape = tuple(max(s, r) for s, r in zip(shape, roi))
+        x = torch.zeros((1, image.shape[0], *padded_shape), device=self.device)
+        x[0, :, : shape[0], : shape[1], : shape[2]] = image.to(self.device)
+        roi = get_valid_patch_size(padded_shape, roi)
+        interval = [max(1, int(r * (1 - self.inference.overlap))) for r in roi]
+        slices = dense_patch_slices(padded_shape, roi, interval)
+        weight_map = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=self.device)
+        seg = heads["segmentation"] if "segmentation" in heads else None
+        probs = torch.zeros((len(self.spec.regions), *padded_shape), device=self.device) if seg else None
+        weights = torch.zeros(padded_shape, device=self.device) if seg else None
+        boxes, scores, tokens = [], [], {}
+        for window in slices:
+            region = (slice(None), slice(None), *window)
+            features = self.model.encoder(x[region])
+            if seg is not None:
+                probs[(slice(None), *window)] += torch.sigmoid(seg(features)[0]) * weight_map
+                weights[window] += weight_map
+            if "detection" in heads:
+                det = heads["detection"](features, roi)[0]
+                offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
+                boxes.append(det["boxes"].float() + offset)
+                scores.append(det["labels_scores"].float())
+            if "classification" in heads:
+                for task, (s, v) in heads["classification"].encode(features).items():
+                    tokens.setdefault(task, []).append((s, v))
+        out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
+        if seg is not None:
+            out.region_probs = (probs / weights.clamp_min(1e-6))[:, : shape[0], : shape[1], : shape[2]].cpu()
+        if boxes:
+            all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
+            if len(slices) > 1 and len(all_boxes):
+                keep = non_max_suppression(all_boxes, all_scores, self.inference.nms_threshold,
+                                           max_proposals=self.inference.max_detections)
+                all_boxes, all_scores = all_boxes[keep], all_scores[keep]
+            limit = torch.tensor(shape * 2, dtype=torch.float32, device=all_boxes.device)
+            out.boxes = torch.minimum(all_boxes, limit).cpu()
+            out.scores = all_scores.cpu()
+        if tokens:
+            head: ClassificationHead = heads["classification"]
+            for task, parts in tokens.items():
+                pooled = head.pool(torch.cat([s for s, _ in parts], 1), torch.cat([v for _, v in parts], 1))
+                logits = head.decode(task, pooled)[0]
+                kind = self.spec.tasks[task]["kind"]
+                out.class_probs[task] = (torch.softmax(logits, -1) if kind == "multiclass"
+                                         else torch.sigmoid(logits)).cpu()
+        return out
+
+    # ------------------------------------------------------------------ input grid
+    def to_input_grid(self, case_id: str, geometry: Geometry, grid: GridOutput) -> Prediction:
+        """Map raw model-grid outputs back onto the input scan's grid and conventions."""
+        pred = Prediction(case_id, geometry)
+        if grid.region_probs is not None:
+            canon_shape = geometry.to_canonical(np.empty(geometry.shape, dtype=np.uint8)).shape
+            probs = geometry.from_canonical(resample(grid.region_probs, canon_shape, "trilinear").numpy())
+            pred.mask = decode_labels(probs, self.spec.regions, self.spec.labels)
+        keep = grid.scores >= self.inference.score_threshold
+        world = [voxel_box_to_world(b, geometry.model_affine) for b in grid.boxes[keep].numpy()]
+        pred.boxes_world = np.array(world, dtype=np.float32).reshape(-1, 6)
+        pred.boxes_voxel = np.array([world_box_to_voxel(b, geometry.affine) for b in pred.boxes_world],
+                                    dtype=np.float32).reshape(-1, 6)
+        pred.scores = grid.scores[keep].numpy().astype(np.float32)
+        for task, p in grid.class_probs.items():
+            info = self.spec.tasks[task]
+            values = p.numpy().tolist()
+            if info["kind"] == "binary":
+                values = [1.0 - values[0], values[0]]
+            pred.probabilities[task] = dict(zip(info["classes"], map(float, values)))
+        return pred
+
+    def predict_sample(self, sample: Sample) -> Prediction:
+        return self.to_input_grid(sample.case_id, sample.geometry, self.predict_grid(sample.image))
+
+    def predict(self, images: Sequence[str | Path | None] | np.ndarray, affine: np.ndarray | None = None,
+                case_id: str = "case") -> Prediction:
+        """Predict one case from its channel files (None for a missing contrast, in the model's channel order) or
+        from a (C, X, Y, Z) array with its 4x4 ``affine``."""
+        if isinstance(images, np.ndarray):
+            if affine is None:
+                raise ValueError("an image array needs its 4x4 affine")
+            if images.ndim != 4 or images.shape[0] != self.spec.in_channels:
+                raise ValueError(f"expected an array of shape ({self.spec.in_channels}, X, Y, Z), got {images.shape}")
+            channels, affine = list(images.astype(np.float32)), np.asarray(affine)
+        else:
+            if len(images) != self.spec.in_channels:
+                raise ValueError(f"expected {self.spec.in_channels} channel files "
+                                 f"({', '.join(self.spec.channel_names)}), got {len(images)}")
+            channels, affine = read_channels({i: None if p is None else Path(p) for i, p in enumerate(images)},
+                                             case_id)
+        image, _, geometry = preprocess_images(channels, affine, self.spec.spacing, case_id)
+        return self.to_input_grid(case_id, geometry, self.predict_grid(image))
+
+
+def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], labels: dict[str, int]) -> np.ndarray:
+    """Most probable label per voxel given independent region probabilities.
+
+    Each label (background included) implies a membership pattern over the regions (BraTS: edema 2 lies in WT only,
+    necrosis 1 in WT and TC, enhancing 4 in all three); the label whose pattern has the highest likelihood under the
+    predicted region probabilities wins. For nested regions this reduces to the usual BraTS thresholding cascade.
+
+    Args:
+        region_probs: (R, X, Y, Z) probabilities in ``regions`` order.
+    Returns:
+        (X, Y, Z) uint8/int16 label map.
+    """
+    eps = 1e-6
+    log_p = np.log(np.clip(region_probs, eps, 1.0)).astype(np.float32)
+    log_q = np.log(np.clip(1.0 - region_probs, eps, 1.0)).astype(np.float32)
+    values = sorted(set(labels.values()) | {0})
+    best = np.full(region_probs.shape[1:], -np.inf, dtype=np.float32)
+    out = np.zeros(region_probs.shape[1:], dtype=np.uint8 if max(values) < 256 else np.int16)
+    for value in values:
+        score = sum(log_p[r] if value in members else log_q[r] for r, members in enumerate(regions.values()))
+        better = score > best
+        out[better], best[better] = value, score[better]
+    return out

@@ -1,0 +1,119 @@
+"""MultiTaskModel: one shared encoder feeding any subset of task heads (MTMed3D's design).
+
+A single-task model is the same class with one head. The encoder runs once per input; every head reads the same
+multi-scale feature list. ``ModelSpec`` holds what is needed to rebuild the model from its weights alone (it is
+saved as ``model.json`` beside every checkpoint), so prediction never depends on the training dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from medtriad.io import write_json
+from medtriad.models.encoders import create_encoder
+from medtriad.models.heads.classification import ClassificationHead
+from medtriad.models.heads.detection import DetectionHead
+from medtriad.models.heads.segmentation import SegmentationHead
+
+HEADS = ("segmentation", "detection", "classification")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and interpret its outputs.
+
+    Args:
+        encoder / encoder_kwargs: registry name and constructor arguments.
+        in_channels: number of input contrasts (missing ones arrive zero-filled).
+        channel_names: contrast names, in input order.
+        heads: the heads built.
+        regions: segmentation region -> label values (e.g. WT -> [1, 2, 4]); output channel order.
+        labels: label name -> value of the training label maps (to write masks in the training convention).
+        tasks: classification task -> {"kind": binary|multiclass|multilabel, "classes": [...]}.
+        detection: DetectionHead keyword arguments (anchor shapes, strides, thresholds).
+        spacing: the grid (mm) the model works on.
+    """
+
+    encoder: str
+    in_channels: int
+    channel_names: list[str]
+    heads: list[str]
+    spacing: list[float]
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    detection: dict[str, Any] = field(default_factory=dict)
+    classification_hidden: int = 128
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSpec":
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(raw) - known:
+            raise ValueError(f"{path}: unknown model spec key(s) {sorted(set(raw) - known)}")
+        return cls(**raw)
+
+    @staticmethod
+    def task_outputs(task: dict[str, Any]) -> int:
+        return 1 if task["kind"] == "binary" else len(task["classes"])
+
+
+class MultiTaskModel(nn.Module):
+    """Shared encoder + ``{task: head}``.
+
+    ``forward(x)`` returns a dict with any of: ``"segmentation"`` region logits (B, R, X, Y, Z);
+    ``"classification"`` {task: logits (B, n)}; ``"detection"`` losses (when ``det_targets`` is given) or boxes.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        unknown = set(spec.heads) - set(HEADS)
+        if unknown or not spec.heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {spec.heads}")
+        self.spec = spec
+        self.encoder = create_encoder(spec.encoder, spec.in_channels, **spec.encoder_kwargs)
+        info = self.encoder.feature_info
+        self.heads = nn.ModuleDict()
+        if "segmentation" in spec.heads:
+            if not spec.regions:
+                raise ValueError("a segmentation head needs regions (dataset.json medtriad.regions)")
+            self.heads["segmentation"] = SegmentationHead(info, len(spec.regions))
+        if "detection" in spec.heads:
+            if "anchor_shapes" not in spec.detection:
+                raise ValueError("a detection head needs anchor_shapes (derived from the training boxes)")
+            self.heads["detection"] = DetectionHead(info, **spec.detection)
+        if "classification" in spec.heads:
+            if not spec.tasks:
+                raise ValueError("a classification head needs at least one task (dataset.json medtriad.classification)")
+            self.heads["classification"] = ClassificationHead(
+                info, {name: ModelSpec.task_outputs(t) for name, t in spec.tasks.items()},
+                hidden=spec.classification_hidden)
+
+    @property
+    def size_divisible(self) -> int:
+        return self.encoder.size_divisible
+
+    def forward(self, x: Tensor, det_targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+        features = self.encoder(x)
+        return self.forward_heads(features, tuple(x.shape[2:]), det_targets)
+
+    def forward_heads(self, features: list[Tensor], image_size: tuple[int, ...],
+                      det_targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "segmentation" in self.heads:
+            out["segmentation"] = self.heads["segmentation"](features)
+        if "classification" in self.heads:
+            out["classification"] = self.heads["classification"](features)
+        if "detection" in self.heads and (det_targets is not None or not self.training):
+            out["detection"] = self.heads["detection"](features, image_size, det_targets)
+        return out

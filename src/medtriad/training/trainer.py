@@ -1,0 +1,380 @@
+"""The training loop: patches -> shared encoder -> all heads -> balanced losses; validation every epoch.
+
+Run folder::
+
+    config.yaml          the fully resolved config
+    model.json           how to rebuild the model (encoder, heads, regions, labels, tasks, anchor shapes)
+    split.json           the stratified k-fold split and the fold used
+    checkpoints/last     every epoch (safetensors + JSON, atomic; see medtriad.checkpoint)
+    checkpoints/best     the epoch with the best validation score
+    history.json         losses, loss weights and validation metrics per epoch
+    progress.png         the same as curves, redrawn every epoch
+    train.log            one line per epoch
+
+Case-level classification while training on patches: the classification head pools attention over the tokens
+of whatever it sees. Training patches are tumour-centred with probability ``foreground_ratio``; the class loss is
+applied to every patch that contains tumour (label > 0) and skipped on the others, since a grade need not be visible
+in a patch of healthy tissue. At inference the same attention pooling runs over the tokens of all windows of the
+whole volume (see medtriad.inference.predictor), so the tumour tokens the head learned to attend to dominate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medtriad.checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
+from medtriad.config import Config
+from medtriad.data.boxes import boxes_from_instances
+from medtriad.data.check import check_dataset, format_problems
+from medtriad.data.layout import Case, DatasetSpec, load_dataset
+from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
+from medtriad.evaluation.evaluate import evaluate_samples
+from medtriad.inference.predictor import Predictor, pick_device
+from medtriad.io import atomic_write_text, write_json
+from medtriad.models.heads.detection import anchor_shapes_from_boxes
+from medtriad.models.multitask import ModelSpec, MultiTaskModel
+from medtriad.training.losses import ClassificationLoss, SegmentationLoss, build_balancer
+from medtriad.training.plots import plot_progress
+
+
+class DatasetInvalidError(ValueError):
+    """The dataset failed ``medtriad check``; the message lists every problem."""
+
+
+def stratified_folds(cases: list[Case], spec: DatasetSpec, num_folds: int, seed: int) -> list[list[str]]:
+    """Split case ids into ``num_folds`` folds, stratified by the first classification task's class (if any)."""
+    if num_folds < 2 or num_folds > len(cases):
+        raise ValueError(f"num_folds must be between 2 and the number of cases ({len(cases)}), got {num_folds}")
+    task = next(iter(spec.tasks), None)
+    strata: dict[Any, list[str]] = {}
+    for case in cases:
+        key = case.classes.get(task) if task else None
+        strata.setdefault(str(key), []).append(case.case_id)
+    rng = random.Random(seed)
+    folds: list[list[str]] = [[] for _ in range(num_folds)]
+    position = 0
+    for key in sorted(strata):
+        ids = sorted(strata[key])
+        rng.shuffle(ids)
+        for case_id in ids:
+            folds[position % num_folds].append(case_id)
+            position += 1
+    return [sorted(f) for f in folds]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_score: float
+    epochs_done: int
+    summary: dict[str, Any]
+
+
+class Trainer:
+    """Trains a MultiTaskModel on a dataset folder; see the module docstring for what lands in the run folder."""
+
+    def __init__(self, dataset: str | Path, config: Config, run_dir: str | Path, fold: int = 0,
+                 device: str | None = None, progress: bool = True):
+        self.dataset = Path(dataset)
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.fold = fold
+        self.device = pick_device(device)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare(self) -> None:
+        cfg = self.config
+        problems = check_dataset(self.dataset, progress=self.progress)
+        if problems:
+            raise DatasetInvalidError(f"dataset {self.dataset} is not valid:\n{format_problems(problems)}")
+        spec, cases = load_dataset(self.dataset)
+        self.spec = spec
+        folds = stratified_folds(cases, spec, cfg.training.num_folds, cfg.training.seed)
+        if not 0 <= self.fold < len(folds):
+            raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {self.fold}")
+        val_ids = set(folds[self.fold])
+        by_id = {c.case_id: c for c in cases}
+        load = lambda ids, what: [load_sample(by_id[i], spec, cfg.data.spacing)  # noqa: E731
+                                  for i in tqdm(sorted(ids), desc=f"load {what}", unit="case",
+                                                disable=not self.progress, leave=False)]
+        self.train_samples = load(set(by_id) - val_ids, "train")
+        self.val_samples = load(val_ids, "val")
+        self.split = {"num_folds": len(folds), "fold": self.fold, "seed": cfg.training.seed, "folds": folds,
+                      "train": sorted(set(by_id) - val_ids), "val": sorted(val_ids)}
+        self.model_spec = self._model_spec()
+        self.model = MultiTaskModel(self.model_spec).to(self.device)
+        for s in self.train_samples:  # patches: volumes padded once to at least the patch size
+            s.image = pad_to(s.image, cfg.data.patch_size)
+            if s.regions is not None:
+                s.regions = pad_to(s.regions, cfg.data.patch_size)
+            if s.instances is not None:
+                s.instances = pad_to(s.instances[None], cfg.data.patch_size)[0]
+        heads = self.model_spec.heads
+        if "segmentation" in heads and any(s.regions is None for s in self.train_samples):
+            missing = [s.case_id for s in self.train_samples if s.regions is None]
+            raise DatasetInvalidError(f"segmentation training needs a label file for every case; missing: {missing}")
+        self.transforms = training_transforms(cfg.data.patch_size, cfg.data.foreground_ratio)
+        self.seg_loss = SegmentationLoss()
+        self.cls_loss = ClassificationLoss({t: (v["kind"], ModelSpec.task_outputs(v))
+                                            for t, v in self.model_spec.tasks.items()})
+        tasks = self._loss_names()
+        last = self.model.encoder.last_shared_layer()
+        self.balancer = build_balancer(cfg.training.balancing, tasks, weights=cfg.training.loss_weights or None,
+                                       shared_parameters=list(last.parameters()),
+                                       alpha=cfg.training.gradnorm_alpha).to(self.device)
+        params = list(self.model.parameters())
+        if cfg.training.balancing == "uncertainty":
+            params += list(self.balancer.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate,
+                                           weight_decay=cfg.training.weight_decay)
+        total = cfg.training.epochs * cfg.training.iterations_per_epoch
+        warmup = cfg.training.warmup_iterations
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 0 over the planned steps
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def _loss_names(self) -> list[str]:
+        names = []
+        if "segmentation" in self.model_spec.heads:
+            names.append("segmentation")
+        if "detection" in self.model_spec.heads:
+            names.append("detection")
+        names += [f"class:{t}" for t in self.model_spec.tasks] if "classification" in self.model_spec.heads else []
+        return names
+
+    def _model_spec(self) -> ModelSpec:
+        cfg, spec = self.config, self.spec
+        heads = list(cfg.model.heads)
+        if not spec.tasks and "classification" in heads:
+            heads.remove("classification")
+        if not spec.detection_region and "detection" in heads and not any(s.boxes is not None and len(s.boxes)
+                                                                           for s in self.train_samples):
+            heads.remove("detection")
+        detection: dict[str, Any] = {}
+        if "detection" in heads:
+            detection = dict(cfg.model.detection)
+            if "anchor_shapes" not in detection:
+                sizes = [b[3:] - b[:3] for s in self.train_samples if s.instances is not None
+                         for b in boxes_from_instances(s.instances.numpy())]
+                detection["anchor_shapes"] = anchor_shapes_from_boxes(np.array(sizes), cfg.data.patch_size)
+            detection.setdefault("score_threshold", cfg.inference.score_threshold)
+            detection.setdefault("nms_threshold", cfg.inference.nms_threshold)
+            detection.setdefault("max_detections", cfg.inference.max_detections)
+        return ModelSpec(
+            encoder=cfg.model.encoder, in_channels=spec.num_channels,
+            channel_names=[spec.channel_names[i] for i in sorted(spec.channel_names)], heads=heads,
+            spacing=list(cfg.data.spacing), encoder_kwargs=dict(cfg.model.encoder_kwargs),
+            regions={k: list(v) for k, v in spec.regions.items()}, labels=dict(spec.labels),
+            tasks={n: {"kind": t.kind, "classes": list(t.classes)} for n, t in spec.tasks.items()},
+            detection=detection, classification_hidden=cfg.model.classification_hidden)
+
+    # ------------------------------------------------------------------ batches
+    def _batch(self, step: int) -> dict[str, Any]:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.training.seed, step])
+        picks = rng.integers(0, len(self.train_samples), size=cfg.training.batch_size)
+        images, regions, boxes, fg, classes = [], [], [], [], {t: [] for t in self.model_spec.tasks}
+        for k, index in enumerate(picks):
+            s: Sample = self.train_samples[index]
+            regions_in = s.regions if s.regions is not None else torch.zeros((1, *s.image.shape[1:]), dtype=torch.uint8)
+            instances = s.instances if s.instances is not None else torch.zeros(s.image.shape[1:], dtype=torch.int32)
+            foreground = regions_in[:1] if s.regions is not None else (s.image.abs().sum(0, keepdim=True) > 0)
+            # the patch's randomness is a function of (seed, step, k) alone: a resumed run draws the same patches
+            self.transforms.set_random_state(seed=int(rng.integers(0, 2**31 - 1)) ^ k)
+            out = self.transforms({"image": s.image, "regions": regions_in, "instances": instances[None],
+                                   "foreground": foreground})[0]
+            images.append(torch.as_tensor(out["image"]).float())
+            regions.append(torch.as_tensor(out["regions"]).float())
+            inst = torch.as_tensor(out["instances"])[0]
+            b = boxes_from_instances(inst.numpy(), cfg.data.min_patch_box_voxels)
+            boxes.append({"boxes": torch.as_tensor(b, dtype=torch.float32).to(self.device),
+                          "labels": torch.zeros(len(b), dtype=torch.long, device=self.device)})
+            has_tumour = bool(torch.as_tensor(out["regions"]).any()) if s.regions is not None else True
+            fg.append(has_tumour)
+            for task in classes:
+                classes[task].append(s.classes.get(task) if has_tumour else None)
+        return {"image": torch.stack(images).to(self.device), "regions": torch.stack(regions).to(self.device),
+                "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()}}
+
+    def _class_targets(self, task: str, values: list) -> torch.Tensor:
+        """Per-sample targets -> a tensor with -1 where unknown: (B,) indices, or (B, L) 0/1 for multilabel."""
+        info = self.model_spec.tasks[task]
+        if info["kind"] == "multilabel":
+            width = len(info["classes"])
+            rows = [list(v) if v is not None else [-1] * width for v in values]
+            return torch.tensor(rows, dtype=torch.float32, device=self.device)
+        return torch.tensor([-1 if v is None else int(v) for v in values], dtype=torch.float32, device=self.device)
+
+    # ------------------------------------------------------------------ one step
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        heads = self.model_spec.heads
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(batch["image"], det_targets=batch["boxes"] if "detection" in heads else None)
+        losses: dict[str, torch.Tensor] = {}
+        if "segmentation" in out:
+            losses["segmentation"] = self.seg_loss(out["segmentation"].float(), batch["regions"])
+        if "detection" in out:
+            losses["detection"] = sum(v.float() for v in out["detection"].values())
+        if "classification" in out:
+            logits = {t: v.float() for t, v in out["classification"].items()}
+            for task, value in self.cls_loss(logits, batch["classes"]).items():
+                losses[f"class:{task}"] = value
+        return losses
+
+    # ------------------------------------------------------------------ state
+    def _weights(self) -> dict[str, torch.Tensor]:
+        weights = dict(self.model.state_dict())
+        weights.update({f"balancer.{k}": v for k, v in self.balancer.state_dict().items()})
+        return weights
+
+    def _save(self, name: str, epoch: int, step: int, elapsed: float, history: list, best: float) -> None:
+        state = {"epoch": epoch, "step": step, "elapsed_s": elapsed, "best_score": best, "history": history,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "balancer_extra": getattr(self.balancer, "extra_state", lambda: {})(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": list(_numpy_state()),
+                         "python": _python_state()}}
+        folder = save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state)
+        self.model_spec.save(folder / "model.json")
+
+    def _restore(self) -> dict[str, Any]:
+        folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
+        weights = load_weights(folder, self.device)
+        self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("balancer.")})
+        self.balancer.load_state_dict({k[len("balancer."):]: v for k, v in weights.items()
+                                       if k.startswith("balancer.")})
+        state = load_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if hasattr(self.balancer, "load_extra_state"):
+            self.balancer.load_extra_state(state["balancer_extra"])
+        torch.set_rng_state(state["rng"]["torch"])
+        name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        random.setstate(_as_python_state(state["rng"]["python"]))
+        return state
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.training.seed)
+        np.random.seed(cfg.training.seed)
+        random.seed(cfg.training.seed)
+        self._prepare()
+        start_epoch, step, elapsed, history, best = 0, 0, 0.0, [], -math.inf
+        if resume:
+            state = self._restore()
+            start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
+            history, best = state["history"], state["best_score"]
+        else:
+            cfg.save(self.run_dir / "config.yaml")
+            self.model_spec.save(self.run_dir / "model.json")
+            write_json(self.run_dir / "split.json", self.split)
+        summary: dict[str, Any] = history[-1]["validation"] if history else {}
+        t0 = time.monotonic() - elapsed
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, cfg.training.epochs):
+            if cfg.training.max_minutes and (time.monotonic() - t0) / 60 >= cfg.training.max_minutes:
+                break
+            self.model.train()
+            sums: dict[str, list[float]] = {}
+            bar = tqdm(range(cfg.training.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.training.epochs}",
+                       disable=not self.progress, leave=False)
+            for _ in bar:
+                self.optimizer.zero_grad(set_to_none=True)
+                for _ in range(cfg.training.accumulate):
+                    losses = self._losses(self._batch(step))
+                    total = self.balancer(losses) / cfg.training.accumulate
+                    self.scaler.scale(total).backward()
+                    for k, v in losses.items():
+                        sums.setdefault(k, []).append(float(v.detach()))
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.balancer.after_step()
+                step += 1
+                bar.set_postfix({k.split(":")[-1][:6]: f"{np.mean(v[-10:]):.3f}" for k, v in sums.items()})
+            record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": self.scheduler.get_last_lr()[0],
+                                      "losses": {k: float(np.mean(v)) for k, v in sums.items()},
+                                      "loss_weights": self.balancer.weights()}
+            if (epoch + 1) % cfg.training.validate_every == 0 or epoch + 1 == cfg.training.epochs:
+                predictor = Predictor(self.model, cfg.inference, str(self.device))
+                _, summary, _ = evaluate_samples(predictor, self.val_samples, progress=self.progress)
+                record["validation"] = summary
+            else:
+                record["validation"] = {}
+            history.append(record)
+            elapsed = time.monotonic() - t0
+            record["elapsed_s"] = elapsed
+            score = record["validation"].get("score", math.nan)
+            improved = np.isfinite(score) and score > best
+            if improved:
+                best = score
+            self._save("last", epoch, step, elapsed, history, best)
+            if improved or not (self.run_dir / "checkpoints" / "best").exists():
+                self._save("best", epoch, step, elapsed, history, best)
+            write_json(self.run_dir / "history.json", history)
+            plot_progress(history, self.run_dir / "progress.png")
+            line = _epoch_line(record)
+            with open(self.run_dir / "train.log", "a") as log:
+                log.write(line + "\n")
+            if self.progress:
+                tqdm.write(line)
+        return TrainResult(self.run_dir, best, epoch + 1, summary)
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch'] + 1}", f"{record['elapsed_s'] / 60:.1f} min"]
+    parts += [f"{k}={v:.3f}" for k, v in record["losses"].items()]
+    val = record["validation"]
+    for key, stats in val.get("segmentation", {}).items():
+        if key.startswith("dice_"):
+            parts.append(f"{key}={stats['mean']:.3f}")
+    if "detection" in val:
+        parts.append(f"AP@0.10={val['detection'].get('AP_IoU_0.10', math.nan):.3f}")
+    for task, metrics in val.get("classification", {}).items():
+        parts.append(f"AUC_{task}={metrics.get('auc', metrics.get('macro_auc', math.nan)):.3f}")
+    if "score" in val:
+        parts.append(f"score={val['score']:.3f}")
+    return " ".join(parts)
+
+
+def _numpy_state() -> tuple:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _as_python_state(state: list) -> tuple:
+    return state[0], tuple(int(v) for v in state[1]), state[2]
+
+
+def train(dataset: str | Path, config: Config, run_dir: str | Path, fold: int = 0, resume: bool = False,
+          device: str | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume) a run; the entry point behind ``medtriad train``."""
+    return Trainer(dataset, config, run_dir, fold, device, progress).fit(resume=resume)
