@@ -1,0 +1,423 @@
+"""The medtriad dataset format: the nnU-Net v2 raw layout plus classification labels and boxes.
+
+```
+DATASET/dataset.json                      channels, labels, regions, tasks (see docs/dataset_format.md)
+DATASET/imagesTr/CASE_0000.nii.gz ...     one file per channel, CASE_{channel:04d}{file_ending}
+DATASET/labelsTr/CASE.nii.gz              voxel labels (optional per case)
+DATASET/classes.csv                       case,<task>,... one row per case (optional)
+DATASET/boxes.json                        {"CASE": [{"voxel": [...6], "world": [...6], ...}]} (optional)
+```
+
+An nnU-Net dataset is a valid medtriad dataset; the ``"medtriad"`` section of dataset.json adds
+the segmentation regions, the classification tasks and the detection settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from medtriad.io import atomic_write_text, write_json
+
+__all__ = [
+    "TaskKind",
+    "ClassificationTask",
+    "DatasetSpec",
+    "Box",
+    "Case",
+    "ClassValue",
+    "load_dataset",
+    "read_classes_csv",
+    "write_classes_csv",
+    "read_boxes_json",
+    "write_boxes_json",
+]
+
+TaskKind = Literal["binary", "multiclass", "multilabel"]
+ClassValue = int | tuple[int, ...] | None
+"""A case's target for one task: class index (binary/multiclass), 0/1 per class (multilabel), None = unknown."""
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """One classification target of a case.
+
+    binary: ``classes`` = (negative, positive) and one logit; multiclass: one of ``classes``;
+    multilabel: any subset of ``classes``, one sigmoid output each.
+    """
+
+    name: str
+    kind: TaskKind
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(TaskKind):
+            raise ValueError(f"task {self.name!r}: kind must be one of {get_args(TaskKind)}, got {self.kind!r}")
+        minimum = {"binary": 2, "multiclass": 2, "multilabel": 1}[self.kind]
+        if (self.kind == "binary" and len(self.classes) != 2) or len(self.classes) < minimum:
+            raise ValueError(f"task {self.name!r} ({self.kind}): bad number of classes {list(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"task {self.name!r}: duplicate class names {list(self.classes)}")
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of logits a head predicts: 1 for binary, one per class otherwise."""
+        return 1 if self.kind == "binary" else len(self.classes)
+
+
+@dataclass
+class DatasetSpec:
+    """The content of dataset.json.
+
+    ``regions`` map a segmentation target (one sigmoid channel each, in this order) to the label
+    values it unites, e.g. BraTS WT = (1, 2, 4). ``detection_region`` names the region whose
+    26-connected components of at least ``min_box_volume_mm3`` are the detection boxes.
+    """
+
+    root: Path
+    name: str
+    channel_names: dict[int, str]
+    labels: dict[str, int]
+    regions: dict[str, tuple[int, ...]]
+    tasks: dict[str, ClassificationTask]
+    file_ending: str = ".nii.gz"
+    detection_region: str | None = None
+    min_box_volume_mm3: float = 100.0
+    allow_missing_channels: bool = False
+    num_training: int = 0
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        where = self.root / "dataset.json"
+        if sorted(self.channel_names) != list(range(len(self.channel_names))) or not self.channel_names:
+            raise ValueError(f"{where}: channel_names keys must be 0..C-1, got {sorted(self.channel_names)}")
+        label_values = set(self.labels.values())
+        if len(label_values) != len(self.labels):
+            raise ValueError(f"{where}: labels has duplicate values {self.labels}")
+        for region, values in self.regions.items():
+            unknown = sorted(set(values) - label_values)
+            if not values or unknown or 0 in values:
+                raise ValueError(f"{where}: medtriad.regions.{region} = {list(values)} must list non-zero label values")
+        if self.detection_region is not None and self.detection_region not in self.regions:
+            raise ValueError(f"{where}: medtriad.detection.region {self.detection_region!r} is not one of the regions")
+        if self.min_box_volume_mm3 < 0:
+            raise ValueError(f"{where}: medtriad.detection.min_volume_mm3 must be >= 0, got {self.min_box_volume_mm3}")
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "imagesTr"
+
+    @property
+    def labels_dir(self) -> Path:
+        return self.root / "labelsTr"
+
+    def image_file(self, case_id: str, channel: int) -> Path:
+        """Where channel ``channel`` of ``case_id`` lives (whether or not it exists)."""
+        return self.images_dir / f"{case_id}_{channel:04d}{self.file_ending}"
+
+    def label_file(self, case_id: str) -> Path:
+        return self.labels_dir / f"{case_id}{self.file_ending}"
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> DatasetSpec:
+        """Read ``root/dataset.json``; ValueError naming the file and the bad key on bad content."""
+        root = Path(root)
+        path = root / "dataset.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no dataset.json (is {root} a medtriad/nnU-Net dataset folder?)")
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(content, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+
+        def get(obj: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+            if key not in obj:
+                if default is ...:
+                    raise ValueError(f"{path}: missing key {where}{key!r}")
+                return default
+            value = obj[key]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # JSON true is not 1
+                raise ValueError(f"{path}: key {where}{key!r} has bad value {value!r}")
+            return value
+
+        try:
+            channel_names = {int(k): str(v) for k, v in get(content, "channel_names", dict, "").items()}
+        except ValueError:
+            keys = list(content["channel_names"])
+            raise ValueError(f"{path}: key 'channel_names' must have integer keys, got {keys}") from None
+        labels = get(content, "labels", dict, "")
+        for name, value in labels.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{path}: key 'labels.{name}' must be an integer label value, got {value!r}")
+        extra = get(content, "medtriad", dict, "", {})
+        default_regions = {name: [value] for name, value in labels.items() if value != 0}
+        regions = {}
+        for region, values in get(extra, "regions", dict, "medtriad.", default_regions).items():
+            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{path}: key 'medtriad.regions.{region}' must list label values, got {values!r}")
+            regions[region] = tuple(values)
+        tasks = {}
+        for task, desc in get(extra, "classification", dict, "medtriad.", {}).items():
+            if not isinstance(desc, dict):
+                raise ValueError(f"{path}: key 'medtriad.classification.{task}' must be an object, got {desc!r}")
+            kind = get(desc, "type", str, f"medtriad.classification.{task}.")
+            classes = get(desc, "classes", list, f"medtriad.classification.{task}.")
+            try:
+                tasks[task] = ClassificationTask(task, kind, tuple(str(c) for c in classes))
+            except ValueError as error:
+                raise ValueError(f"{path}: key 'medtriad.classification.{task}': {error}") from None
+        detection = get(extra, "detection", dict, "medtriad.", {})
+        return cls(
+            root=root,
+            name=get(content, "name", str, "", root.name),
+            channel_names=channel_names,
+            labels=dict(labels),
+            regions=regions,
+            tasks=tasks,
+            file_ending=get(content, "file_ending", str, "", ".nii.gz"),
+            detection_region=get(detection, "region", str, "medtriad.detection.", None),
+            min_box_volume_mm3=float(get(detection, "min_volume_mm3", (int, float), "medtriad.detection.", 100.0)),
+            allow_missing_channels=get(extra, "allow_missing_channels", bool, "medtriad.", False),
+            num_training=get(content, "numTraining", int, "", 0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The dataset.json content (nnU-Net keys plus the "medtriad" section)."""
+        extra: dict[str, Any] = {
+            "regions": {name: list(values) for name, values in self.regions.items()},
+            "classification": {t.name: {"type": t.kind, "classes": list(t.classes)} for t in self.tasks.values()},
+        }
+        if self.detection_region is not None:
+            extra["detection"] = {"region": self.detection_region, "min_volume_mm3": self.min_box_volume_mm3}
+        extra["allow_missing_channels"] = self.allow_missing_channels
+        return {
+            "name": self.name,
+            "channel_names": {str(k): v for k, v in sorted(self.channel_names.items())},
+            "labels": dict(self.labels),
+            "file_ending": self.file_ending,
+            "numTraining": self.num_training,
+            "medtriad": extra,
+        }
+
+    def save(self) -> None:
+        """Write ``root/dataset.json`` atomically."""
+        write_json(self.root / "dataset.json", self.to_json())
+
+
+def _six_floats(values: Any, what: str) -> tuple[float, ...]:
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be 6 numbers, got {values!r}") from None
+    if len(box) != 6:
+        raise ValueError(f"{what} must be 6 numbers (x0, y0, z0, x1, y1, z1), got {values!r}")
+    if any(box[i] > box[i + 3] for i in range(3)):
+        raise ValueError(f"{what} has x1 < x0, y1 < y0 or z1 < z0: {values!r}")
+    return box
+
+
+@dataclass
+class Box:
+    """A 3D box around one object.
+
+    ``voxel``: (x0, y0, z0, x1, y1, z1) in array-index space, half-open: a component occupying
+    indices i0..i1 along x has x0 = i0, x1 = i1 + 1 (MONAI "xyzxyz" StandardMode).
+    ``world``: the same box in the image affine's world space (mm), see medtriad.data.boxes.
+    """
+
+    voxel: tuple[float, ...]
+    world: tuple[float, ...]
+    label: int = 0
+    volume_voxels: int | None = None
+
+    def __post_init__(self) -> None:
+        self.voxel = _six_floats(self.voxel, "Box.voxel")
+        self.world = _six_floats(self.world, "Box.world")
+
+    def to_json(self) -> dict[str, Any]:
+        as_number = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731  (voxel edges are integers)
+        out: dict[str, Any] = {"voxel": [as_number(v) for v in self.voxel], "world": list(self.world)}
+        out["label"] = self.label
+        if self.volume_voxels is not None:
+            out["volume_voxels"] = self.volume_voxels
+        return out
+
+
+@dataclass
+class Case:
+    """One case on disk: its files and its non-voxel targets.
+
+    ``image_files`` has every declared channel (None where the file is absent); ``classes`` one
+    entry per task (None = unknown); ``boxes`` is None when unknown (no boxes.json, or no entry
+    for this case) and [] when the case has no object.
+    """
+
+    case_id: str
+    image_files: dict[int, Path | None]
+    label_file: Path | None
+    classes: dict[str, ClassValue] = field(default_factory=dict)
+    boxes: list[Box] | None = None
+
+
+def load_dataset(root: str | os.PathLike) -> tuple[DatasetSpec, list[Case]]:
+    """Read a dataset folder: the spec and its cases (every case id with a file in imagesTr, sorted).
+
+    Raises ValueError naming the file for files in imagesTr that do not follow
+    ``CASE_{channel:04d}{file_ending}`` with a declared channel, and for bad classes.csv/boxes.json.
+    Rows of classes.csv and entries of boxes.json for case ids without images are ignored.
+    """
+    spec = DatasetSpec.load(root)
+    if not spec.images_dir.is_dir():
+        raise ValueError(f"{spec.images_dir}: missing imagesTr folder")
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(spec.file_ending) + "$")
+    found: dict[str, dict[int, Path | None]] = {}
+    for path in sorted(spec.images_dir.iterdir()):
+        if path.name.startswith("."):
+            continue
+        match = pattern.match(path.name)
+        if match is None or int(match.group(2)) not in spec.channel_names:
+            raise ValueError(
+                f"{path}: not an image file CASE_XXXX{spec.file_ending} with a channel in {sorted(spec.channel_names)}"
+            )
+        files = found.setdefault(match.group(1), dict.fromkeys(spec.channel_names))
+        files[int(match.group(2))] = path
+    classes_path, boxes_path = spec.root / "classes.csv", spec.root / "boxes.json"
+    classes = read_classes_csv(classes_path, spec) if classes_path.is_file() else {}
+    boxes = read_boxes_json(boxes_path) if boxes_path.is_file() else {}
+    cases = []
+    for case_id in sorted(found):
+        label = spec.label_file(case_id)
+        cases.append(
+            Case(
+                case_id=case_id,
+                image_files=found[case_id],
+                label_file=label if label.is_file() else None,
+                classes=classes.get(case_id, dict.fromkeys(spec.tasks)),
+                boxes=boxes.get(case_id),
+            )
+        )
+    return spec, cases
+
+
+def _columns(spec: DatasetSpec) -> dict[str, tuple[str, str | None]]:
+    """CSV column name -> (task, class): one column per binary/multiclass task, one per multilabel class."""
+    columns: dict[str, tuple[str, str | None]] = {}
+    for task in spec.tasks.values():
+        if task.kind == "multilabel":
+            columns.update({f"{task.name}:{c}": (task.name, c) for c in task.classes})
+        else:
+            columns[task.name] = (task.name, None)
+    return columns
+
+
+def read_classes_csv(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, dict[str, ClassValue]]:
+    """Read classes.csv into {case: {task: value}} (see :data:`ClassValue`); every task of the spec
+    is present for every case. Cells name classes (binary/multiclass) or hold 0/1 (multilabel
+    columns ``task:class``); empty = unknown. Errors name the file, the row and the value.
+    """
+    path = Path(path)
+    columns = _columns(spec)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if not header or header[0] != "case":
+            raise ValueError(f"{path}: the first column must be 'case', got header {header}")
+        unknown = [c for c in header[1:] if c not in columns]
+        if unknown:
+            raise ValueError(f"{path}: unknown columns {unknown}; expected some of {list(columns)}")
+        for task in spec.tasks.values():
+            present = [c for c in columns if columns[c][0] == task.name and c in header]
+            if task.kind == "multilabel" and present and len(present) != len(task.classes):
+                raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
+        result: dict[str, dict[str, ClassValue]] = {}
+        for row_number, row in enumerate(reader, start=2):
+            case_id = (row.get("case") or "").strip()
+            where = f"{path}, row {row_number}"
+            if not case_id:
+                raise ValueError(f"{where}: empty case id")
+            if case_id in result:
+                raise ValueError(f"{where}: duplicate case {case_id!r}")
+            values: dict[str, ClassValue] = {}
+            for task in spec.tasks.values():
+                if task.kind != "multilabel":
+                    cell = (row.get(task.name) or "").strip()
+                    if cell and cell not in task.classes:
+                        raise ValueError(f"{where}: {task.name} = {cell!r} is not one of {list(task.classes)}")
+                    values[task.name] = task.classes.index(cell) if cell else None
+                    continue
+                cells = [(row.get(f"{task.name}:{c}") or "").strip() for c in task.classes]
+                bad = [cell for cell in cells if cell not in ("", "0", "1")]
+                if bad or (any(cells) and not all(cells)):
+                    raise ValueError(f"{where}: {task.name} cells must all be 0/1 or all empty, got {cells}")
+                values[task.name] = tuple(int(c) for c in cells) if all(cells) else None
+            result[case_id] = values
+    return result
+
+
+def write_classes_csv(path: str | os.PathLike, spec: DatasetSpec, classes: dict[str, dict[str, ClassValue]]) -> None:
+    """Write {case: {task: value}} as classes.csv (rows sorted by case, atomic); missing = unknown."""
+    columns = _columns(spec)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", *columns])
+    for case_id in sorted(classes):
+        row = [case_id]
+        for task_name, class_name in columns.values():
+            task, value = spec.tasks[task_name], classes[case_id].get(task_name)
+            if value is None:
+                row.append("")
+            elif class_name is None:
+                if not isinstance(value, int) or not 0 <= value < len(task.classes):
+                    raise ValueError(f"case {case_id}: {task_name} = {value!r} is not a class index of {task.classes}")
+                row.append(task.classes[value])
+            else:
+                if len(value) != len(task.classes):
+                    raise ValueError(f"case {case_id}: {task_name} = {value!r} needs one 0/1 per class {task.classes}")
+                row.append(str(int(value[task.classes.index(class_name)])))
+        writer.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_boxes_json(path: str | os.PathLike) -> dict[str, list[Box]]:
+    """Read boxes.json: {case: [Box, ...]}; ValueError naming the file, case and box index."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected an object {{case: [boxes]}}, got {type(content).__name__}")
+    result = {}
+    for case_id, entries in content.items():
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: case {case_id}: expected a list of boxes, got {entries!r}")
+        boxes = []
+        for index, entry in enumerate(entries):
+            try:
+                if not isinstance(entry, dict) or "voxel" not in entry or "world" not in entry:
+                    raise ValueError(f"expected an object with 'voxel' and 'world', got {entry!r}")
+                label, volume = entry.get("label", 0), entry.get("volume_voxels")
+                if not isinstance(label, int) or (volume is not None and not isinstance(volume, int)):
+                    raise ValueError(f"label and volume_voxels must be integers, got {label!r}, {volume!r}")
+                boxes.append(Box(entry["voxel"], entry["world"], label, volume))
+            except ValueError as error:
+                raise ValueError(f"{path}: case {case_id}, box {index}: {error}") from None
+        result[case_id] = boxes
+    return result
+
+
+def write_boxes_json(path: str | os.PathLike, boxes: dict[str, list[Box]]) -> None:
+    """Write {case: [Box, ...]} as boxes.json (cases sorted, atomic)."""
+    write_json(path, {case_id: [box.to_json() for box in boxes[case_id]] for case_id in sorted(boxes)})

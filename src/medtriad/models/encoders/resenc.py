@@ -1,0 +1,67 @@
+"""Residual CNN encoder in the style of nnU-Net's ResEnc (Isensee et al., "nnU-Net Revisited", MICCAI 2024).
+
+The CPU-friendly default: convolutions only, small channel counts, and 5 levels instead of Swin's 6. A stem conv at
+full resolution, then one stage per level; every stage after the first halves the resolution with a strided residual
+block and adds more residual blocks (MONAI's ``UnetResBlock``: conv-norm-act-conv-norm + skip, instance norm, leaky
+ReLU, as in nnU-Net).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.blocks import Convolution, UnetResBlock
+from torch import Tensor, nn
+
+from medtriad.models.encoders.base import Encoder, FeatureInfo, register_encoder
+
+_NORM = ("instance", {"affine": True})
+_ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+
+
+def _res_block(in_channels: int, out_channels: int, stride: int) -> UnetResBlock:
+    return UnetResBlock(3, in_channels, out_channels, kernel_size=3, stride=stride, norm_name=_NORM, act_name=_ACT)
+
+
+@register_encoder("resenc")
+class ResEncEncoder(Encoder):
+    """Residual encoder with one level per stage, at strides 1, 2, 4, ... 2**(len(channels) - 1).
+
+    Args:
+        in_channels: image channels.
+        channels: output channels of each stage (= of each feature level), fine to coarse.
+        blocks: residual blocks per stage; the first block of every stage but the first has stride 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        blocks: Sequence[int] = (1, 1, 2, 2, 2),
+    ):
+        super().__init__()
+        if len(channels) != len(blocks) or not channels or min(blocks) < 1:
+            raise ValueError(f"resenc needs one block count >= 1 per stage, got channels={tuple(channels)} "
+                             f"blocks={tuple(blocks)}")
+        self.in_channels = in_channels
+        self.stem = Convolution(3, in_channels, channels[0], kernel_size=3, norm=_NORM, act=_ACT, bias=False)
+        self.stages = nn.ModuleList()
+        previous = channels[0]
+        for i, (c, n) in enumerate(zip(channels, blocks)):
+            stage = [_res_block(previous, c, stride=1 if i == 0 else 2)]
+            stage += [_res_block(c, c, stride=1) for _ in range(n - 1)]
+            self.stages.append(nn.Sequential(*stage))
+            previous = c
+        self.feature_info = [FeatureInfo(c, 2**i) for i, c in enumerate(channels)]
+        self.size_divisible = self.feature_info[-1].stride
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        features = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def last_shared_layer(self) -> nn.Module:
+        return self.stages[-1]

@@ -1,0 +1,74 @@
+"""Segmentation head: a U-Net decoder over the shared encoder's features.
+
+The decoder walks from the coarsest level back to the finest, each step one MONAI ``UnetUpBlock`` (transposed conv to
+the next finer level, concatenation with that level's features, two conv-norm-act layers) as in DynUNet / nnU-Net
+(Isensee et al., Nature Methods 2021). With the swin encoder and default channels this is SwinUNETR's decoder with
+plain instead of residual conv blocks. The output is one logit map per region (sigmoid, not softmax: BraTS regions
+WT/TC/ET nest inside each other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.blocks import UnetOutBlock, UnetUpBlock
+from monai.networks.blocks.dynunet_block import get_conv_layer
+from torch import Tensor, nn
+
+from medtriad.models.encoders.base import FeatureInfo
+
+_NORM = "instance"
+
+
+class SegmentationHead(nn.Module):
+    """U-Net decoder: features (fine -> coarse) -> logits (B, num_outputs, X, Y, Z) at the input resolution.
+
+    Args:
+        feature_info: the encoder's levels (channels, stride), fine to coarse.
+        num_outputs: logit channels, one per region in dataset.json's order.
+        decoder_channels: output channels of the up block that lands on each level, for every level but the coarsest
+            (fine to coarse, ``len(feature_info) - 1`` entries). Defaults to the encoder's channels of those levels;
+            where they differ, the level's skip features are projected by a 1x1x1 conv before concatenation.
+    """
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_outputs: int,
+                 decoder_channels: Sequence[int] | None = None):
+        super().__init__()
+        info = list(feature_info)
+        if len(info) < 2:
+            raise ValueError(f"SegmentationHead needs at least 2 feature levels, got {len(info)}")
+        if decoder_channels is None:
+            decoder_channels = [f.channels for f in info[:-1]]
+        if len(decoder_channels) != len(info) - 1:
+            raise ValueError(f"decoder_channels needs {len(info) - 1} entries (one per level but the coarsest), "
+                             f"got {tuple(decoder_channels)}")
+        self.num_levels = len(info)
+        self.skips = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        previous = info[-1].channels
+        for level in reversed(range(len(info) - 1)):  # coarse -> fine; module lists are ordered the same way
+            factor, remainder = divmod(info[level + 1].stride, info[level].stride)
+            if remainder or factor < 2:
+                raise ValueError(f"feature strides must grow by integer factors, got {info[level].stride} -> "
+                                 f"{info[level + 1].stride}")
+            out = decoder_channels[level]
+            skip_channels = info[level].channels
+            self.skips.append(nn.Identity() if skip_channels == out
+                              else get_conv_layer(3, skip_channels, out, kernel_size=1, conv_only=True))
+            self.ups.append(UnetUpBlock(3, previous, out, kernel_size=3, stride=1, upsample_kernel_size=factor,
+                                        norm_name=_NORM))
+            previous = out
+        finest = info[0].stride
+        self.final_up = (nn.Identity() if finest == 1 else
+                         get_conv_layer(3, previous, previous, kernel_size=finest, stride=finest, conv_only=True,
+                                        is_transposed=True))
+        self.out = UnetOutBlock(3, previous, num_outputs)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        """features: one map per encoder level, fine to coarse -> logits (B, num_outputs, X, Y, Z)."""
+        if len(features) != self.num_levels:
+            raise ValueError(f"SegmentationHead expects {self.num_levels} feature maps, got {len(features)}")
+        x = features[-1]
+        for skip, up, feature in zip(self.skips, self.ups, reversed(features[:-1])):
+            x = up(x, skip(feature))
+        return self.out(self.final_up(x))

@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medtriad.data.check import Problem, check_dataset, format_problems
+from medtriad.data.importers import import_brats
+from medtriad.data.layout import Box, ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv
+from medtriad.io import save_nifti
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # tests/data/ -> repo -> its parent holds shared/
+BRATS2018 = DATA / "brats2018-sample" / "MICCAI_BraTS_2018_Data_Training"
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+SHAPE = (6, 7, 8)
+
+
+@pytest.fixture(scope="module")
+def brats2018(tmp_path_factory):
+    if not BRATS2018.is_dir():
+        pytest.skip(f"real BraTS 2018 sample not found at {BRATS2018}")
+    return import_brats(BRATS2018, tmp_path_factory.mktemp("brats2018") / "BraTS2018", progress=False)
+
+
+def test_clean_real_dataset_has_no_problems(brats2018):
+    problems = check_dataset(brats2018, progress=False)
+    assert problems == [], format_problems(problems)
+    assert format_problems(problems) == "No problems found."
+
+
+def make_dataset(root: Path) -> DatasetSpec:
+    """A tiny two-channel dataset: one clean case per defect plus a clean case, all broken at once."""
+    spec = DatasetSpec(
+        root=root,
+        name="Tiny",
+        channel_names={0: "FLAIR", 1: "T1"},
+        labels={"background": 0, "tumour": 1, "enhancing": 4},
+        regions={"WT": (1, 4)},
+        tasks={"grade": ClassificationTask("grade", "binary", ("LGG", "HGG"))},
+        detection_region="WT",
+    )
+    spec.save()
+    rng = np.random.default_rng(0)
+    label = np.zeros(SHAPE, np.uint8)
+    label[1:3, 1:3, 1:3] = 4
+    names = ["clean", "truncated", "shape", "affine", "nan", "label7", "noclass", "nochannel", "badbox"]
+    for case in names:
+        for channel in spec.channel_names:
+            save_nifti(spec.image_file(case, channel), rng.normal(size=SHAPE).astype(np.float32), AFFINE)
+        save_nifti(spec.label_file(case), label, AFFINE)
+    write_classes_csv(root / "classes.csv", spec, {case: {"grade": 1} for case in names if case != "noclass"})
+    box = Box((1, 1, 1, 3, 3, 3), (0, 0, 0, 1, 1, 1), 0, 8)
+    outside = Box((4, 4, 4, 7, 7, 9), (0,) * 6)
+    write_boxes_json(root / "boxes.json", {case: [box] for case in names} | {"badbox": [box, outside]})
+
+    truncated = spec.image_file("truncated", 1)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    save_nifti(spec.image_file("shape", 1), np.zeros((6, 7, 9), np.float32), AFFINE)
+    save_nifti(spec.image_file("affine", 0), np.zeros(SHAPE, np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    broken = rng.normal(size=SHAPE).astype(np.float32)
+    broken[0, 0, 0] = np.nan
+    save_nifti(spec.image_file("nan", 1), broken, AFFINE)
+    seven = label.copy()
+    seven[5, 5, 5] = 7
+    save_nifti(spec.label_file("label7"), seven, AFFINE)
+    spec.image_file("nochannel", 0).unlink()
+    return spec
+
+
+def test_every_defect_reported_with_case_and_file(tmp_path):
+    spec = make_dataset(tmp_path)
+    problems = check_dataset(tmp_path, progress=False)
+    found = {(p.case_id, p.path.name) for p in problems}
+    assert found == {
+        ("truncated", "truncated_0001.nii.gz"),
+        ("shape", "shape_0001.nii.gz"),
+        ("affine", "affine_0001.nii.gz"),  # channel 0 is the reference, so channel 1 and the label differ
+        ("affine", "affine.nii.gz"),
+        ("nan", "nan_0001.nii.gz"),
+        ("label7", "label7.nii.gz"),
+        ("noclass", "classes.csv"),
+        ("nochannel", "nochannel_0000.nii.gz"),
+        ("badbox", "boxes.json"),
+    }
+    by_case = {p.case_id: p.message for p in problems}
+    assert "cannot read" in by_case["truncated"]
+    assert "(6, 7, 9)" in by_case["shape"]
+    assert "non-finite" in by_case["nan"]
+    assert "[7]" in by_case["label7"]
+    assert "grade" in by_case["noclass"]
+    assert "missing channel 0 (FLAIR)" in by_case["nochannel"]
+    assert "box 1" in by_case["badbox"]
+    report = format_problems(problems)
+    assert report.startswith(f"{len(problems)} problem(s) found:")
+    assert f"case label7, file {spec.label_file('label7')}: " in report
+
+
+def test_allow_missing_channels(tmp_path):
+    spec = make_dataset(tmp_path)
+    spec.allow_missing_channels = True
+    spec.save()
+    cases = {p.case_id for p in check_dataset(tmp_path, progress=False)}
+    assert "nochannel" not in cases and "truncated" in cases
+
+
+def test_dataset_level_problem(tmp_path):
+    (tmp_path / "dataset.json").write_text("{not json")
+    (problem,) = check_dataset(tmp_path, progress=False)
+    assert problem.case_id is None and "dataset.json" in problem.message
+    assert str(Problem(None, None, "x")) == "dataset: x"

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+
+from medtriad.data.layout import (
+    Box,
+    ClassificationTask,
+    DatasetSpec,
+    load_dataset,
+    read_boxes_json,
+    read_classes_csv,
+    write_boxes_json,
+    write_classes_csv,
+)
+
+
+def make_spec(root) -> DatasetSpec:
+    return DatasetSpec(
+        root=root,
+        name="Toy",
+        channel_names={0: "FLAIR", 1: "T1"},
+        labels={"background": 0, "core": 1, "edema": 2, "enhancing": 4},
+        regions={"WT": (1, 2, 4), "ET": (4,)},
+        tasks={
+            "grade": ClassificationTask("grade", "binary", ("LGG", "HGG")),
+            "site": ClassificationTask("site", "multiclass", ("a", "b", "c")),
+            "finding": ClassificationTask("finding", "multilabel", ("bleed", "cyst")),
+        },
+        detection_region="WT",
+        min_box_volume_mm3=50.0,
+        num_training=3,
+    )
+
+
+def test_spec_round_trip(tmp_path):
+    spec = make_spec(tmp_path)
+    spec.save()
+    loaded = DatasetSpec.load(tmp_path)
+    assert loaded == spec
+    assert list(loaded.regions) == ["WT", "ET"] and list(loaded.tasks) == ["grade", "site", "finding"]
+    assert loaded.num_channels == 2
+    assert [t.num_outputs for t in loaded.tasks.values()] == [1, 3, 2]
+
+
+def test_plain_nnunet_dataset_json_loads_with_defaults(tmp_path):
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
+                    "numTraining": 5, "file_ending": ".nii.gz"})
+    )
+    spec = DatasetSpec.load(tmp_path)
+    assert spec.name == tmp_path.name
+    assert spec.regions == {"liver": (1,), "tumor": (2,)}
+    assert spec.tasks == {} and spec.detection_region is None and not spec.allow_missing_channels
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda d: d.pop("labels"), "labels"),
+        (lambda d: d["channel_names"].update({"x": "T2"}), "channel_names"),
+        (lambda d: d["channel_names"].update({"5": "T2"}), "channel_names"),
+        (lambda d: d["medtriad"]["regions"].update({"TC": [1, 9]}), "medtriad.regions.TC"),
+        (lambda d: d["medtriad"]["classification"]["grade"].update({"type": "ordinal"}), "classification.grade"),
+        (lambda d: d["medtriad"]["classification"]["grade"].update({"classes": ["a", "b", "c"]}), "grade"),
+        (lambda d: d["medtriad"]["detection"].update({"region": "XX"}), "medtriad.detection.region"),
+        (lambda d: d["medtriad"].update({"allow_missing_channels": "yes"}), "allow_missing_channels"),
+    ],
+)
+def test_bad_dataset_json_names_file_and_key(tmp_path, edit, key):
+    content = make_spec(tmp_path).to_json()
+    edit(content)
+    (tmp_path / "dataset.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError) as info:
+        DatasetSpec.load(tmp_path)
+    assert "dataset.json" in str(info.value) and key in str(info.value)
+
+
+def test_load_dataset_lists_cases_with_missing_files(tmp_path):
+    spec = make_spec(tmp_path)
+    spec.save()
+    spec.images_dir.mkdir()
+    spec.labels_dir.mkdir()
+    for name in ["b_0000", "b_0001", "a_0001"]:
+        (spec.images_dir / f"{name}.nii.gz").touch()
+    spec.label_file("b").touch()
+    write_classes_csv(tmp_path / "classes.csv", spec, {"b": {"grade": 1, "site": 2, "finding": (0, 1)}})
+    write_boxes_json(tmp_path / "boxes.json", {"b": [], "zz": []})
+    loaded, cases = load_dataset(tmp_path)
+    assert [c.case_id for c in cases] == ["a", "b"]
+    a, b = cases
+    assert a.image_files == {0: None, 1: spec.image_file("a", 1)}
+    assert a.label_file is None and b.label_file == spec.label_file("b")
+    assert a.classes == {"grade": None, "site": None, "finding": None}
+    assert b.classes == {"grade": 1, "site": 2, "finding": (0, 1)}
+    assert a.boxes is None and b.boxes == []
+
+
+def test_load_dataset_rejects_stray_image_file(tmp_path):
+    spec = make_spec(tmp_path)
+    spec.save()
+    spec.images_dir.mkdir()
+    (spec.images_dir / "a_0002.nii.gz").touch()  # channel 2 is not declared
+    with pytest.raises(ValueError, match="a_0002.nii.gz"):
+        load_dataset(tmp_path)
+
+
+def test_classes_csv_round_trip(tmp_path):
+    spec = make_spec(tmp_path)
+    classes = {
+        "c2": {"grade": 0, "site": None, "finding": (1, 1)},
+        "c1": {"grade": 1, "site": 0, "finding": None},
+    }
+    write_classes_csv(tmp_path / "classes.csv", spec, classes)
+    lines = (tmp_path / "classes.csv").read_text().splitlines()
+    assert lines == ["case,grade,site,finding:bleed,finding:cyst", "c1,HGG,a,,", "c2,LGG,,1,1"]
+    assert read_classes_csv(tmp_path / "classes.csv", spec) == classes
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ("case,grade\nc1,MGG\n", r"row 2: grade = 'MGG'"),
+        ("case,grade\nc1,HGG\nc1,LGG\n", "row 3: duplicate case 'c1'"),
+        ("case,colour\nc1,red\n", "unknown columns"),
+        ("case,finding:bleed\nc1,1\n", "needs all columns"),
+        ("case,finding:bleed,finding:cyst\nc1,1,\n", r"row 2: finding cells"),
+        ("case,finding:bleed,finding:cyst\nc1,1,2\n", r"row 2: finding cells"),
+    ],
+)
+def test_bad_classes_csv_names_file_row_value(tmp_path, rows, match):
+    path = tmp_path / "classes.csv"
+    path.write_text(rows)
+    with pytest.raises(ValueError, match=match) as info:
+        read_classes_csv(path, make_spec(tmp_path))
+    assert str(path) in str(info.value)
+
+
+def test_boxes_json_round_trip_and_errors(tmp_path):
+    boxes = {"c1": [Box((1, 2, 3, 4, 5, 6), (-1.5, 0.5, 2.5, 1.5, 3.5, 5.5), 0, 27)], "c0": []}
+    write_boxes_json(tmp_path / "boxes.json", boxes)
+    assert read_boxes_json(tmp_path / "boxes.json") == boxes
+    assert json.loads((tmp_path / "boxes.json").read_text())["c1"][0]["voxel"] == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "bad.json").write_text(json.dumps({"c1": [{"voxel": [5, 0, 0, 4, 1, 1], "world": [0] * 6}]}))
+    with pytest.raises(ValueError, match=r"bad.json: case c1, box 0: .*x1 < x0"):
+        read_boxes_json(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"c1": [{"voxel": [0, 0, 0, 1, 1], "world": [0] * 6}]}))
+    with pytest.raises(ValueError, match="6 numbers"):
+        read_boxes_json(tmp_path / "bad.json")

@@ -1,0 +1,113 @@
+"""Every registered encoder honours the encoder interface (timm style: a new encoder is tested once registered)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import SwinUNETR
+
+from medtriad.models.encoders import Encoder, FeatureInfo, create_encoder, list_encoders, register_encoder
+
+# Small configurations keep the CPU tests fast; encoders not listed are tested with their defaults.
+SMALL = {"swin": {"embed_dim": 12}, "resenc": {"channels": (8, 16, 32, 64), "blocks": (1, 1, 2, 1)}}
+IN_CHANNELS = 4
+
+
+def small_encoder(name: str) -> Encoder:
+    torch.manual_seed(0)
+    return create_encoder(name, IN_CHANNELS, **SMALL.get(name, {}))
+
+
+def small_input(encoder: Encoder) -> torch.Tensor:
+    # The deepest map is 2x1x1 voxels: the least instance norm accepts in training, and non-cubic on purpose.
+    d = encoder.size_divisible
+    return torch.randn(1, IN_CHANNELS, 2 * d, d, d)
+
+
+def test_swin_and_resenc_are_registered():
+    assert {"swin", "resenc"} <= set(list_encoders())
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_features_match_feature_info(name):
+    encoder = small_encoder(name)
+    info = encoder.feature_info
+    strides = [f.stride for f in info]
+    assert info[0].stride in (1, 2)
+    assert all(a < b for a, b in zip(strides, strides[1:]))
+    assert encoder.size_divisible % strides[-1] == 0
+    x = small_input(encoder)
+    with torch.no_grad():
+        features = encoder(x)
+    assert len(features) == len(info)
+    for feature, level in zip(features, info):
+        assert tuple(feature.shape) == (1, level.channels, *(s // level.stride for s in x.shape[2:]))
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_backward_reaches_every_parameter(name):
+    encoder = small_encoder(name)
+    features = encoder(small_input(encoder))
+    # Random projections: a plain sum or mean of instance-normalised maps would give near-zero gradients.
+    loss = sum((f * torch.randn_like(f)).sum() for f in features)
+    loss.backward()
+    missing = [n for n, p in encoder.named_parameters() if p.grad is None]
+    assert not missing, f"{name}: no gradient for {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters())
+    zero = [n for n, p in encoder.named_parameters() if p.grad.abs().max() == 0]
+    assert not zero, f"{name}: all-zero gradient for {zero[:5]}"
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_rejects_wrong_size_and_channels(name):
+    encoder = small_encoder(name)
+    side = 2 * encoder.size_divisible
+    with pytest.raises(ValueError, match=str(encoder.size_divisible)):
+        encoder(torch.zeros(1, IN_CHANNELS, side, side, side + 1))
+    with pytest.raises(ValueError, match="expects input"):
+        encoder(torch.zeros(1, IN_CHANNELS + 1, side, side, side))
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_last_shared_layer_is_a_trainable_submodule(name):
+    encoder = small_encoder(name)
+    layer = encoder.last_shared_layer()
+    assert any(layer is m for m in encoder.modules())
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) > 0
+
+
+def test_unknown_name_lists_known_encoders():
+    with pytest.raises(ValueError, match="resenc.*swin"):
+        create_encoder("no-such-encoder", 4)
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_encoder("swin")(Encoder)
+    assert type(create_encoder("swin", 1, embed_dim=12)).__name__ == "SwinEncoder"
+
+
+def test_default_swin_matches_swinunetr_encoder():
+    encoder = create_encoder("swin", 4)
+    reference = SwinUNETR(in_channels=4, out_channels=3, feature_size=48)
+    encoder_part = ("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10")
+    expected = sum(p.numel() for name in encoder_part for p in getattr(reference, name).parameters())
+    count = sum(p.numel() for p in encoder.parameters())
+    print(f"swin encoder parameters: {count:,} (SwinUNETR-48 total: "
+          f"{sum(p.numel() for p in reference.parameters()):,})")
+    assert count == expected
+    assert [(f.channels, f.stride) for f in encoder.feature_info] == [
+        (48, 1), (48, 2), (96, 4), (192, 8), (384, 16), (768, 32)]
+    assert encoder.size_divisible == 32
+
+
+def test_resenc_defaults_and_configuration():
+    default = create_encoder("resenc", 1)
+    assert default.feature_info == [FeatureInfo(c, s) for c, s in zip((16, 32, 64, 128, 256), (1, 2, 4, 8, 16))]
+    assert default.size_divisible == 16
+    assert [len(stage) for stage in default.stages] == [1, 1, 2, 2, 2]
+    small = create_encoder("resenc", 1, channels=(4, 8, 12), blocks=(1, 2, 3))
+    assert small.feature_info == [FeatureInfo(4, 1), FeatureInfo(8, 2), FeatureInfo(12, 4)]
+    assert small.size_divisible == 4
+    with pytest.raises(ValueError, match="blocks"):
+        create_encoder("resenc", 1, channels=(4, 8), blocks=(1,))
