@@ -4,7 +4,9 @@
     medtriad check DATASET               integrity check, every problem named with case and file
     medtriad train DATASET -c CONFIG -o RUN [--fold K] [--resume]
     medtriad evaluate RUN DATASET [--split val|all]
+    medtriad predict -m RUN -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
+    medtriad demo [--out DIR] [--minutes M] [--quick]
 """
 
 from __future__ import annotations
@@ -84,6 +86,29 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from medtriad.inference.run import predict_folder
+
+    failures = predict_folder(args.model, [Path(p) for p in args.input], Path(args.output), device=args.device,
+                              num_parts=args.num_parts, part_id=args.part_id, overwrite=args.overwrite,
+                              progress=not args.quiet)
+    if failures:
+        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
+        for case_id, reason in failures:
+            print(f"  {case_id}: {reason}", file=sys.stderr)
+        return 1
+    print(f"predictions written to {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medtriad.demo import run_demo
+
+    report = run_demo(Path(args.out), minutes=args.minutes, quick=args.quick, progress=not args.quiet)
+    print(f"report: {report.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtriad", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="run a trained model on new scans")
+    p.add_argument("-m", "--model", required=True, help="run folder or checkpoint folder")
+    p.add_argument("-i", "--input", required=True, nargs="+",
+                   help="dataset folder, folder of BraTS case folders, or the channel files of one case")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-parts", type=int, default=1, help="shard the cases over N processes or machines")
+    p.add_argument("--part-id", type=int, default=0, help="which shard this process runs (0-based)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> predict -> HTML report")
+    p.add_argument("--out", default="medtriad-demo")
+    p.add_argument("--minutes", type=float, default=None, help="training budget (default 7; --quick: 1)")
+    p.add_argument("--quick", action="store_true", help="a reduced, minute-long mode")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("synth", help="generate a synthetic BraTS-like dataset")
     p.add_argument("out")

@@ -4,25 +4,15 @@ import numpy as np
 import pytest
 
 from medtriad.data.check import Problem, check_dataset, format_problems
-from medtriad.data.importers import import_brats
 from medtriad.data.layout import Box, ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv
 from medtriad.io import save_nifti
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # tests/data/ -> repo -> its parent holds shared/
-BRATS2018 = DATA / "brats2018-sample" / "MICCAI_BraTS_2018_Data_Training"
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 SHAPE = (6, 7, 8)
 
 
-@pytest.fixture(scope="module")
-def brats2018(tmp_path_factory):
-    if not BRATS2018.is_dir():
-        pytest.skip(f"real BraTS 2018 sample not found at {BRATS2018}")
-    return import_brats(BRATS2018, tmp_path_factory.mktemp("brats2018") / "BraTS2018", progress=False)
-
-
 def test_clean_real_dataset_has_no_problems(brats2018):
-    problems = check_dataset(brats2018, progress=False)
+    problems = check_dataset(brats2018[0], progress=False)
     assert problems == [], format_problems(problems)
     assert format_problems(problems) == "No problems found."
 

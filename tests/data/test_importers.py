@@ -19,15 +19,6 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-@pytest.fixture(scope="module")
-def brats2018(tmp_path_factory):
-    if not BRATS2018.is_dir():
-        pytest.skip(f"real BraTS 2018 sample not found at {BRATS2018}")
-    before = snapshot(BRATS2018)
-    out = import_brats(BRATS2018, tmp_path_factory.mktemp("brats2018") / "BraTS2018", progress=False)
-    return out, before
-
-
 def test_brats2018_cases_channels_and_grade(brats2018):
     out, _ = brats2018
     spec, cases = load_dataset(out)

@@ -91,6 +91,7 @@ class Trainer:
         self.fold = fold
         self.device = pick_device(device)
         self.progress = progress
+        self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> None:
@@ -113,7 +114,8 @@ class Trainer:
         self.split = {"num_folds": len(folds), "fold": self.fold, "seed": cfg.training.seed, "folds": folds,
                       "train": sorted(set(by_id) - val_ids), "val": sorted(val_ids)}
         self.model_spec = self._model_spec()
-        self.model = MultiTaskModel(self.model_spec).to(self.device)
+        # channels-last 3D memory is ~10 % faster for oneDNN convolutions on CPU
+        self.model = MultiTaskModel(self.model_spec).to(self.device, memory_format=torch.channels_last_3d)
         for s in self.train_samples:  # patches: volumes padded once to at least the patch size
             s.image = pad_to(s.image, cfg.data.patch_size)
             if s.regions is not None:
@@ -141,10 +143,17 @@ class Trainer:
         total = cfg.training.epochs * cfg.training.iterations_per_epoch
         warmup = cfg.training.warmup_iterations
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 0 over the planned steps
+        budget_s = cfg.training.max_minutes * 60
+
+        def schedule(step: int) -> float:
+            """Linear warm-up, then cosine decay to 0 over the planned steps or the time budget, whichever ends
+            first (a budget-limited run still ends with a decayed learning rate)."""
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            progress = (step - warmup) / max(1, total - warmup)
+            if budget_s:
+                progress = max(progress, self._elapsed() / budget_s)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.amp = self.device.type == "cuda"
@@ -210,7 +219,7 @@ class Trainer:
             fg.append(has_tumour)
             for task in classes:
                 classes[task].append(s.classes.get(task) if has_tumour else None)
-        return {"image": torch.stack(images).to(self.device), "regions": torch.stack(regions).to(self.device),
+        return {"image": torch.stack(images).to(self.device, memory_format=torch.channels_last_3d), "regions": torch.stack(regions).to(self.device),
                 "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()}}
 
     def _class_targets(self, task: str, values: list) -> torch.Tensor:
@@ -270,6 +279,9 @@ class Trainer:
         random.setstate(_as_python_state(state["rng"]["python"]))
         return state
 
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
@@ -290,10 +302,12 @@ class Trainer:
             self.model_spec.save(self.run_dir / "model.json")
             write_json(self.run_dir / "split.json", self.split)
         summary: dict[str, Any] = history[-1]["validation"] if history else {}
-        t0 = time.monotonic() - elapsed
+        self._t0 = time.monotonic() - elapsed
+        out_of_time = lambda: bool(cfg.training.max_minutes) and self._elapsed() >= cfg.training.max_minutes * 60  # noqa: E731
         epoch = start_epoch - 1
         for epoch in range(start_epoch, cfg.training.epochs):
-            if cfg.training.max_minutes and (time.monotonic() - t0) / 60 >= cfg.training.max_minutes:
+            if out_of_time():
+                epoch -= 1
                 break
             self.model.train()
             sums: dict[str, list[float]] = {}
@@ -315,17 +329,20 @@ class Trainer:
                 self.balancer.after_step()
                 step += 1
                 bar.set_postfix({k.split(":")[-1][:6]: f"{np.mean(v[-10:]):.3f}" for k, v in sums.items()})
+                if out_of_time():
+                    break
             record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": self.scheduler.get_last_lr()[0],
                                       "losses": {k: float(np.mean(v)) for k, v in sums.items()},
                                       "loss_weights": self.balancer.weights()}
-            if (epoch + 1) % cfg.training.validate_every == 0 or epoch + 1 == cfg.training.epochs:
+            last_epoch = epoch + 1 == cfg.training.epochs or out_of_time()
+            if (epoch + 1) % cfg.training.validate_every == 0 or last_epoch:
                 predictor = Predictor(self.model, cfg.inference, str(self.device))
                 _, summary, _ = evaluate_samples(predictor, self.val_samples, progress=self.progress)
                 record["validation"] = summary
             else:
                 record["validation"] = {}
             history.append(record)
-            elapsed = time.monotonic() - t0
+            elapsed = self._elapsed()
             record["elapsed_s"] = elapsed
             score = record["validation"].get("score", math.nan)
             improved = np.isfinite(score) and score > best
@@ -341,6 +358,8 @@ class Trainer:
                 log.write(line + "\n")
             if self.progress:
                 tqdm.write(line)
+            if last_epoch:
+                break
         return TrainResult(self.run_dir, best, epoch + 1, summary)
 
 

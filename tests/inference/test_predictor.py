@@ -1,0 +1,166 @@
+"""Predictor: geometry round trips, label decoding, windows, boxes in world coordinates, the predict command."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medtriad.cli import main
+from medtriad.config import InferenceConfig
+from medtriad.data.boxes import voxel_box_to_world
+from medtriad.data.layout import load_dataset
+from medtriad.data.transforms import make_geometry, read_channels
+from medtriad.inference.predictor import Predictor, decode_labels
+from medtriad.inference.run import discover_cases
+from medtriad.models.multitask import ModelSpec, MultiTaskModel
+
+REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+LABELS = {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing_tumor": 4}
+
+
+def test_decode_labels_follows_the_brats_cascade():
+    probs = np.array([[0.1, 0.1, 0.1],  # nothing
+                      [0.9, 0.1, 0.1],  # WT only -> edema
+                      [0.9, 0.8, 0.2],  # WT+TC -> necrosis
+                      [0.9, 0.8, 0.9],  # all -> enhancing
+                      [0.4, 0.9, 0.9]],  # WT unsure, TC/ET confident -> still enhancing (likelihood, no hard cascade)
+                     dtype=np.float32).T[:, :, None, None]
+    assert decode_labels(probs, REGIONS, LABELS)[:, 0, 0].tolist() == [0, 2, 1, 4, 4]
+
+
+def _blob_model(spec_kwargs=None) -> Predictor:
+    """A model whose segmentation output is a fixed function of the FLAIR intensity (bright = tumour), so that
+    geometry can be tested without training: logits = 20 * (flair - 1) for every region."""
+    spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["FLAIR", "T1"], heads=["segmentation"],
+                     spacing=[2.0, 2.0, 2.0], encoder_kwargs={"channels": [4, 8, 8], "blocks": [1, 1, 1]}, regions=REGIONS, labels=LABELS,
+                     **(spec_kwargs or {}))
+    model = MultiTaskModel(spec)
+
+    class Threshold(torch.nn.Module):
+        def forward(self, features):
+            return self.image.new_ones((1, 3, *self.image.shape[2:])) * 20 * (self.image[:, :1] - 1.0)
+
+    head = Threshold()
+    encoder_forward = model.encoder.forward
+
+    def remember(x):
+        head.image = x
+        return encoder_forward(x)
+
+    model.encoder.forward = remember
+    model.heads["segmentation"] = head
+    return Predictor(model, InferenceConfig(roi_size=None), "cpu")
+
+
+def _scan(shape=(30, 26, 20)):
+    flair = np.full(shape, 1.0, dtype=np.float32)
+    flair[shape[0] // 2:] = 2.0  # background level 1 (z-scores to about -1), bright slab (+1)
+    flair[6:14, 5:12, 4:10] = 4.0  # a bright lesion
+    flair[:2] = 0.0  # zero background band (excluded from z-scoring)
+    return np.stack([flair, flair * 0.5])
+
+
+@pytest.mark.parametrize("axes, flips", [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, False, True)),
+                                         ((2, 0, 1), (False, True, False))])
+def test_mask_lands_on_the_same_anatomy_for_flipped_and_permuted_affines(axes, flips):
+    predictor = _blob_model()
+    image = _scan()
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    reference = predictor.predict(image, affine).mask
+    # store the same scan with permuted/flipped axes and an affine that says so: same world positions
+    stored = np.transpose(image, (0, *(a + 1 for a in axes)))
+    stored_affine = affine[:, list(axes) + [3]]
+    for axis, flip in enumerate(flips):
+        if flip:
+            stored = np.flip(stored, axis + 1)
+            stored_affine = stored_affine @ nib.orientations.inv_ornt_aff(
+                np.array([[i, -1 if i == axis else 1] for i in range(3)]), stored.shape[1:])
+    mask = predictor.predict(np.ascontiguousarray(stored), stored_affine).mask
+    assert mask.shape == stored.shape[1:]
+    # map both masks to world coordinates of their voxels and compare the sets of tumour positions
+    def world_points(m, aff):
+        idx = np.argwhere(m > 0)
+        return {tuple(np.round(p, 3)) for p in nib.affines.apply_affine(aff, idx)}
+    assert reference.any()
+    assert world_points(mask, stored_affine) == world_points(reference, affine)
+
+
+def test_geometry_model_grid_maps_to_world_like_the_input():
+    affine = np.array([[0, 0, -1.5, 100], [1.0, 0, 0, -20], [0, 2.0, 0, 5], [0, 0, 0, 1]])
+    g = make_geometry(affine, (40, 30, 20), (3.0, 3.0, 3.0))
+    # the model grid covers exactly the input's field of view (edges to edges), whatever the axis order
+    box = np.array([0, 0, 0, *g.model_shape], dtype=float)
+    world_model = voxel_box_to_world(box, g.model_affine)
+    world_input = voxel_box_to_world(np.array([0, 0, 0, 40, 30, 20], dtype=float), affine)
+    np.testing.assert_allclose(world_model, world_input, atol=1e-6)
+
+
+def test_sliding_windows_agree_with_one_window():
+    predictor = _blob_model()
+    image = _scan((40, 36, 28))
+    whole = predictor.predict(image, np.eye(4)).mask
+    predictor.inference = InferenceConfig(roi_size=(8, 8, 8), overlap=0.5)
+    tiled = predictor.predict(image, np.eye(4)).mask
+    assert (whole == tiled).mean() > 0.995
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", str(synth_dataset), "-c", "tiny", "-o", str(run), "-q",
+                 "--set", "training.epochs=1", "--set", "training.iterations_per_epoch=2"]) == 0
+    return run
+
+
+def test_boxes_in_world_coordinates_match_voxel_boxes(trained_run, synth_dataset):
+    predictor = Predictor.from_pretrained(trained_run)
+    predictor.inference.score_threshold = 0.0
+    spec, cases = load_dataset(synth_dataset)
+    channels, affine = read_channels(cases[0].image_files, cases[0].case_id)
+    pred = predictor.predict([cases[0].image_files[i] for i in range(4)], case_id=cases[0].case_id)
+    assert pred.mask.shape == channels[0].shape
+    assert len(pred.scores) > 0
+    for voxel, world in zip(pred.boxes_voxel, pred.boxes_world):
+        np.testing.assert_allclose(voxel_box_to_world(voxel, affine), world, atol=1e-3)
+        assert np.all(voxel[:3] >= -1e-3) and np.all(voxel[3:] <= np.array(channels[0].shape) + 1e-3)
+    assert set(pred.probabilities["grade"]) == {"LGG", "HGG"}
+    assert sum(pred.probabilities["grade"].values()) == pytest.approx(1.0)
+
+
+def test_predict_command_shards_skips_and_survives_a_corrupt_case(trained_run, synth_dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(synth_dataset, data)
+    spec, cases = load_dataset(data)
+    bad = cases[1].image_files[0]
+    bad.write_bytes(bad.read_bytes()[:300])
+    out = tmp_path / "out"
+    codes = [main(["predict", "-m", str(trained_run), "-i", str(data), "-o", str(out), "-q",
+                   "--num-parts", "3", "--part-id", str(k)]) for k in range(3)]
+    assert codes.count(1) == 1 and codes.count(0) == 2  # only the part holding the corrupt case fails
+    assert cases[1].case_id in capsys.readouterr().err
+    for case in cases:
+        files = [out / f"{case.case_id}_{s}" for s in ("seg.nii.gz", "boxes.json", "class.json")]
+        assert all(f.is_file() for f in files) == (case is not cases[1]), case.case_id
+    first = out / f"{cases[0].case_id}_seg.nii.gz"
+    seg = nib.load(first)
+    source = nib.load(cases[0].image_files[0])
+    assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
+    boxes = json.loads((out / f"{cases[0].case_id}_boxes.json").read_text())["boxes"]
+    assert all(len(b["voxel"]) == 6 and len(b["world"]) == 6 for b in boxes)
+    stamp = first.stat().st_mtime_ns
+    assert main(["predict", "-m", str(trained_run), "-i", str(data), "-o", str(out), "-q",
+                 "--num-parts", "3", "--part-id", "0"]) in (0, 1)
+    assert first.stat().st_mtime_ns == stamp  # outputs exist: skipped without --overwrite
+    ids = [c.case_id for c in discover_cases([data], spec_channel_names(data))]
+    shards = [ids[k::3] for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(ids) and sum(map(len, shards)) == len(ids)
+
+
+def spec_channel_names(data):
+    spec, _ = load_dataset(data)
+    return [spec.channel_names[i] for i in sorted(spec.channel_names)]

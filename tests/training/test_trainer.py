@@ -1,0 +1,119 @@
+"""The training loop end to end: real BraTS cases (import -> check -> train -> evaluate), resume, refusals."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from medtriad.checkpoint import load_state, load_weights
+from medtriad.cli import main
+from medtriad.config import Config
+from medtriad.data.layout import load_dataset
+from medtriad.training.trainer import DatasetInvalidError, Trainer, stratified_folds, train
+
+TINY = {"training.epochs": 2, "training.iterations_per_epoch": 2, "training.warmup_iterations": 1}
+
+
+def test_end_to_end_on_real_brats(brats2018, tmp_path):
+    """import -> check -> train (tiny, CPU) -> evaluate on the ten shared cases; metric files hold sane values."""
+    dataset, _ = brats2018
+    assert main(["check", str(dataset), "-q"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", str(dataset), "-c", "tiny", "-o", str(run), "-q"]) == 0
+    for name in ("config.yaml", "model.json", "split.json", "history.json", "progress.png", "train.log"):
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["val"]) == 2 and not set(split["val"]) & set(split["train"])
+    spec, cases = load_dataset(dataset)
+    grades = {c.case_id: c.classes["grade"] for c in cases}
+    assert sorted(grades[c] for c in split["val"]) == [0, 1]  # stratified: the two LGG cases land in two folds
+
+    assert main(["evaluate", str(run), str(dataset), "--split", "val", "-q"]) == 0
+    summary = json.loads((run / "evaluation_val" / "summary.json").read_text())
+    rows = (run / "evaluation_val" / "per_case.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("case,")
+    assert summary["num_cases"] == 2
+    for region in ("WT", "TC", "ET"):
+        dice = summary["segmentation"][f"dice_{region}"]["mean"]
+        hd95 = summary["segmentation"][f"hd95_{region}"]["mean"]
+        assert 0.0 <= dice <= 1.0 and 0.0 <= hd95 <= 380.0
+    det = summary["detection"]
+    assert det["num_gt_boxes"] >= 2 and 0.0 <= det["AP_IoU_0.10"] <= 1.0
+    auc = summary["classification"]["grade"]["auc"]
+    assert auc in (0.0, 1.0)  # one LGG and one HGG case: the ranking is either right or wrong
+
+
+def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch):
+    """A run interrupted after its first epoch and resumed with --resume ends with the same weights as a run
+    that was never interrupted (same optimizer, scheduler, RNG and patch draws)."""
+    config = Config.load("tiny", TINY)
+    straight = train(synth_dataset, config, tmp_path / "a", progress=False)
+    assert straight.epochs_done == 2
+
+    run = tmp_path / "b"
+    original = Trainer._batch
+
+    def crash_in_second_epoch(self, step):
+        if step == TINY["training.iterations_per_epoch"]:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "_batch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(synth_dataset, config, run, progress=False)
+    assert load_state(run / "checkpoints" / "last")["step"] == 2
+    monkeypatch.setattr(Trainer, "_batch", original)
+    assert main(["train", str(synth_dataset), "-o", str(run), "--resume", "-q"]) == 0
+    a = load_weights(tmp_path / "a" / "checkpoints" / "last")
+    b = load_weights(run / "checkpoints" / "last")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    state = load_state(run / "checkpoints" / "last")
+    assert state["step"] == 4 and state["epoch"] == 1
+    assert [r["epoch"] for r in state["history"]] == [0, 1]
+
+
+def test_interrupted_checkpoint_swap_keeps_last_good(synth_dataset, tmp_path):
+    """A crash between the renames of a checkpoint swap leaves `last.old`; resume and prediction fall back to it."""
+    run = tmp_path / "run"
+    train(synth_dataset, Config.load("tiny", {**TINY, "training.epochs": 1}), run, progress=False)
+    last = run / "checkpoints" / "last"
+    last.rename(last.with_name("last.old"))  # the state right after `last -> last.old`, before `last.tmp -> last`
+    assert load_state(last)["step"] == 2
+
+
+def test_training_refuses_invalid_dataset(synth_dataset, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(synth_dataset, broken)
+    image = sorted((broken / "imagesTr").glob("*_0002.nii.gz"))[0]
+    image.write_bytes(image.read_bytes()[:200])  # truncated gzip
+    with pytest.raises(DatasetInvalidError, match=image.name):
+        train(broken, Config.load("tiny", TINY), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_single_task_is_the_same_builder(synth_dataset, tmp_path):
+    config = Config.load("tiny", {**TINY, "training.epochs": 1, "model.heads": ["classification"]})
+    result = train(synth_dataset, config, tmp_path / "run", progress=False)
+    spec = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert spec["heads"] == ["classification"]
+    weights = load_weights(tmp_path / "run" / "checkpoints" / "last")
+    assert not any(k.startswith(("heads.segmentation", "heads.detection")) for k in weights)
+    assert math.isfinite(result.best_score)
+
+
+def test_stratified_folds_balance_classes(synth_dataset):
+    spec, cases = load_dataset(synth_dataset)
+    folds = stratified_folds(cases, spec, 4, seed=0)
+    assert sorted(sum(folds, [])) == sorted(c.case_id for c in cases)
+    grades = {c.case_id: c.classes["grade"] for c in cases}
+    counts = [sum(grades[i] for i in fold) for fold in folds]
+    assert max(counts) - min(counts) <= 1
+    with pytest.raises(ValueError, match="num_folds"):
+        stratified_folds(cases, spec, 1, seed=0)
+    assert np.array_equal(np.array(stratified_folds(cases, spec, 4, seed=0), dtype=object),
+                          np.array(folds, dtype=object))
