@@ -65,7 +65,10 @@ def segmentation_metrics(
             p_t, t_t = torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None]
             dice = float(compute_dice(p_t, t_t, include_background=True))
             spacing_list = spacing_mm.tolist()
-            hd = compute_hausdorff_distance(p_t, t_t, include_background=True, percentile=95, spacing=spacing_list)
+            with warnings.catch_warnings():  # MONAI's own deprecation notice about an argument it passes itself
+                warnings.simplefilter("ignore", FutureWarning)
+                hd = compute_hausdorff_distance(p_t, t_t, include_background=True, percentile=95,
+                                                spacing=spacing_list)
             hd95 = float(hd)
         metrics[f"dice_{name}"] = dice
         metrics[f"hd95_{name}"] = hd95

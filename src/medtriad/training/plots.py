@@ -41,12 +41,14 @@ def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:
     ax_loss.set_ylabel("training loss")
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
-    for name, points in validation_curves(history).items():
+    curves = validation_curves(history)
+    for name, points in curves.items():
         ax_val.plot([e for e, _ in points], [v for _, v in points], marker="o", label=name)
     ax_val.set_ylim(0, 1)
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel("validation")
-    ax_val.legend(fontsize=8)
+    if curves:
+        ax_val.legend(fontsize=8)
     ax_val.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

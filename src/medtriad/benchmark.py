@@ -1,0 +1,378 @@
+"""Multi-task against single-task: what sharing one encoder saves (MTMed3D's comparison, issue 5).
+
+The multi-task model and its three single-task variants (the same encoder and head settings, one head each) are
+measured on the same input: parameters, FLOPs per forward pass (counted by PyTorch's own
+``torch.utils.flop_counter.FlopCounterMode``; MACs = FLOPs / 2), latency (median of repeated inference-mode runs
+after warm-up: encoder + heads, detection post-processing included), and peak memory (CPU: the peak-RSS growth of
+one forward pass in a fresh child process per model; CUDA: ``torch.cuda.max_memory_allocated``). With a dataset,
+each of the four is also trained for the same time budget on the same fold, and the validation summary gives Dice
+per region, AP at IoU 0.10 and each classification task's AUC.
+
+The table's last two rows answer the question: "single-task sum" is what the three separate models cost together
+(run one after another on the same scan), and "multi / sum" the multi-task model's share of that.
+
+Without a dataset the model specs follow the BraTS convention (4 contrasts, regions WT/TC/ET over labels 0/1/2/4,
+binary task ``grade``), with detection anchors derived from a typical 40 x 40 x 30 mm tumour box.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from medtriad.config import Config
+from medtriad.io import atomic_write_text, write_json
+from medtriad.models.heads.detection import anchor_shapes_from_boxes
+from medtriad.models.multitask import ModelSpec, MultiTaskModel
+
+#: row name -> heads; "multi" first, then one single-task model per head
+VARIANTS: dict[str, list[str]] = {
+    "multi": ["segmentation", "detection", "classification"],
+    "seg": ["segmentation"],
+    "det": ["detection"],
+    "cls": ["classification"],
+}
+SINGLE = ("seg", "det", "cls")
+
+BRATS_CHANNELS = ["flair", "t1", "t1ce", "t2"]
+BRATS_LABELS = {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing_tumor": 4}
+BRATS_REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+BRATS_TASKS = {"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}}
+TYPICAL_BOX_MM = (40.0, 40.0, 30.0)
+
+
+# ---------------------------------------------------------------------------------------------------- model specs
+def brats_model_spec(config: Config, encoder: str | None = None,
+                     box_mm: Sequence[float] = TYPICAL_BOX_MM) -> ModelSpec:
+    """The multi-task spec a BraTS training run with ``config`` would build, without reading a dataset.
+
+    Anchor shapes come from :func:`anchor_shapes_from_boxes` on one ``box_mm`` box at the config's spacing (the
+    number of anchors, hence every count, is the same as with shapes derived from real boxes).
+    """
+    box_vox = np.asarray(box_mm, dtype=float) / np.asarray(config.data.spacing, dtype=float)
+    detection = dict(config.model.detection)
+    detection.setdefault("anchor_shapes", anchor_shapes_from_boxes(box_vox[None], config.data.patch_size))
+    detection.setdefault("score_threshold", config.inference.score_threshold)
+    detection.setdefault("nms_threshold", config.inference.nms_threshold)
+    detection.setdefault("max_detections", config.inference.max_detections)
+    return ModelSpec(
+        encoder=encoder or config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),
+        heads=list(VARIANTS["multi"]), spacing=list(config.data.spacing),
+        encoder_kwargs=dict(config.model.encoder_kwargs) if encoder in (None, config.model.encoder) else {},
+        regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),
+        detection=detection, classification_hidden=config.model.classification_hidden)
+
+
+def variant_specs(spec: ModelSpec) -> dict[str, ModelSpec]:
+    """``spec`` as the multi-task model plus one single-task spec per head (``heads=[head]``, all else equal)."""
+    missing = set(VARIANTS["multi"]) - set(spec.heads)
+    if missing:
+        raise ValueError(f"the multi-task spec must hold all three heads; missing {sorted(missing)}")
+    return {name: dataclasses.replace(spec, heads=list(heads)) for name, heads in VARIANTS.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- measurements
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (the detection head's MONAI detector holds none, so nothing is double counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, *inputs: Any) -> int:
+    """FLOPs of one ``model(*inputs)`` call as PyTorch's flop counter counts them.
+
+    The counter covers matrix multiplications and convolutions (2 FLOPs per multiply-accumulate; biases,
+    normalisation, activations and NMS are not counted), the convention of fvcore and most papers' "FLOPs".
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(model: nn.Module, x: Tensor, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+    """Median, min and max wall time (ms) of ``model(x)`` in inference mode, after ``warmup`` untimed runs."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _sync(x.device)
+            start = time.perf_counter()
+            model(x)
+            _sync(x.device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeats}
+
+
+def measure_cuda_memory(model: nn.Module, x: Tensor) -> float:
+    """Peak CUDA memory (MiB) one inference forward pass allocates beyond the weights and the input."""
+    torch.cuda.synchronize(x.device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    with torch.inference_mode():
+        model(x)
+    torch.cuda.synchronize(x.device)
+    return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _memory_child() -> None:
+    """Child process of :func:`measure_cpu_memory`: a JSON request on stdin, a JSON answer on stdout."""
+    request = json.loads(sys.stdin.read())
+    torch.set_num_threads(request["threads"])
+    torch.manual_seed(0)
+    model = MultiTaskModel(ModelSpec(**request["spec"])).eval()
+    x = torch.randn(1, model.spec.in_channels, *request["input_size"])
+    before_rss, before_peak = _current_rss_mib(), _peak_rss_mib()
+    with torch.inference_mode():
+        model(x)
+    after_peak = _peak_rss_mib()
+    print(json.dumps({"forward_peak_mib": after_peak - before_rss, "process_peak_mib": after_peak,
+                      "rss_before_mib": before_rss, "peak_before_mib": before_peak}))
+
+
+def measure_cpu_memory(spec: ModelSpec, input_size: Sequence[int], threads: int | None = None) -> dict[str, float]:
+    """Peak memory of one CPU inference pass, measured in a fresh Python process so that nothing the parent has
+    allocated (other models, the allocator's cache) hides or inflates it.
+
+    Returns (MiB): ``forward_peak_mib`` the process's peak RSS during the pass minus its RSS just before it (model and
+    input already built: the activations' footprint), and ``process_peak_mib`` the whole process's peak RSS (Python,
+    torch, weights and activations).
+    """
+    request = {"spec": dataclasses.asdict(spec), "input_size": list(input_size),
+               "threads": threads or torch.get_num_threads()}
+    done = subprocess.run([sys.executable, "-c", "from medtriad.benchmark import _memory_child; _memory_child()"],
+                          input=json.dumps(request), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement child failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_model(spec: ModelSpec, input_size: Sequence[int], devices: Sequence[str] = ("cpu",), warmup: int = 2,
+                  repeats: int = 5, memory: bool = True) -> dict[str, Any]:
+    """Parameters, FLOPs/MACs, and per device latency and peak memory of the model ``spec`` builds, on a random
+    input of shape (1, C, *input_size)."""
+    torch.manual_seed(0)
+    model = MultiTaskModel(spec).eval()
+    div = model.size_divisible
+    if len(input_size) != 3 or any(s % div for s in input_size):
+        raise ValueError(f"input size must be 3 multiples of {div} (the {spec.encoder} encoder's divisor), "
+                         f"got {tuple(input_size)}")
+    x = torch.randn(1, spec.in_channels, *input_size)
+    flops = count_flops(model, x)
+    result: dict[str, Any] = {"heads": list(spec.heads), "params": count_parameters(model), "flops": flops,
+                              "macs": flops // 2, "latency_ms": {}, "memory_mib": {}}
+    for name in devices:
+        device = torch.device(name)
+        model.to(device)
+        xd = x.to(device)
+        result["latency_ms"][device.type] = measure_latency(model, xd, warmup, repeats)
+        if memory and device.type == "cuda":
+            result["memory_mib"]["cuda"] = measure_cuda_memory(model, xd)
+        model.to("cpu")
+        del xd
+    if memory and any(torch.device(d).type == "cpu" for d in devices):
+        cpu = measure_cpu_memory(spec, input_size)
+        result["memory_mib"]["cpu"] = cpu["forward_peak_mib"]
+        result["memory_mib"]["cpu_process"] = cpu["process_peak_mib"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The comparison's metrics from a validation summary: ``dice_<region>``, ``AP@0.10``, ``AUC_<task>``."""
+    out: dict[str, float] = {}
+    for key, stats in summary.get("segmentation", {}).items():
+        if key.startswith("dice_"):
+            out[key] = float(stats["mean"])
+    if "detection" in summary:
+        out["AP@0.10"] = float(summary["detection"].get("AP_IoU_0.10", math.nan))
+    for task, metrics in summary.get("classification", {}).items():
+        out[f"AUC_{task}"] = float(metrics.get("auc", metrics.get("macro_auc", math.nan)))
+    return out
+
+
+def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes: float, fold: int = 0,
+                   device: str | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Train the multi-task model and each single-task model for ``minutes`` on the same fold.
+
+    Returns per variant: the run folder, epochs done, training wall time, and the final epoch's validation metrics
+    (:func:`validation_metrics`; every run validates after its last epoch, so all four are scored at the budget's end).
+    """
+    from medtriad.training.trainer import train
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, heads in VARIANTS.items():
+        cfg = copy.deepcopy(config)
+        cfg.model.heads = tuple(heads)
+        cfg.training.max_minutes = minutes
+        run = Path(out) / "runs" / name
+        start = time.monotonic()
+        result = train(dataset, cfg, run, fold=fold, device=device, progress=progress)
+        spec = ModelSpec.load(run / "model.json")
+        if sorted(spec.heads) != sorted(heads):
+            raise ValueError(f"{name}: the dataset does not support heads {heads} (the trainer built {spec.heads})")
+        results[name] = {"run": str(run), "epochs": result.epochs_done, "train_s": time.monotonic() - start,
+                         "best_score": result.best_score, "metrics": validation_metrics(result.summary)}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+def _ratios(models: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(single-task sums, multi / sum) for params, FLOPs, MACs, latency and memory per device."""
+    singles = [models[n] for n in SINGLE]
+    total: dict[str, Any] = {k: sum(m[k] for m in singles) for k in ("params", "flops", "macs")}
+    total["latency_ms"] = {d: {"median": sum(m["latency_ms"][d]["median"] for m in singles)}
+                           for d in models["multi"]["latency_ms"]}
+    total["memory_mib"] = {d: sum(m["memory_mib"][d] for m in singles) for d in models["multi"]["memory_mib"]}
+    multi = models["multi"]
+    ratio: dict[str, Any] = {k: multi[k] / total[k] if total[k] else math.nan for k in ("params", "flops", "macs")}
+    ratio["latency"] = {d: multi["latency_ms"][d]["median"] / total["latency_ms"][d]["median"]
+                        for d in total["latency_ms"]}
+    ratio["memory"] = {d: multi["memory_mib"][d] / total["memory_mib"][d] if total["memory_mib"][d] else math.nan
+                       for d in total["memory_mib"]}
+    return total, ratio
+
+
+def run_benchmark(config: Config, out: str | Path, input_size: Sequence[int] | None = None,
+                  encoder: str | None = None, config_name: str = "", dataset: str | Path | None = None,
+                  minutes: float = 0.0, fold: int = 0, device: str | None = None, warmup: int = 2,
+                  repeats: int = 5, memory: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Measure (and with ``dataset``, train) the four models; write ``benchmark.json`` and ``benchmark.md`` to
+    ``out`` and return the JSON content.
+
+    Args:
+        input_size: the measured input (default: the config's patch size); multiples of the encoder's divisor.
+        encoder: overrides ``config.model.encoder`` (its ``encoder_kwargs`` are then dropped: they belong to the
+            config's own encoder).
+        dataset / minutes / fold: train each model for ``minutes`` on this dataset's fold and add its validation
+            metrics; the measured specs are then the trained runs' ``model.json`` (the dataset's regions and tasks).
+        device: where training runs and the second latency device (default: CUDA when present); CPU is always timed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)
+    if encoder and encoder != config.model.encoder:
+        config.model.encoder, config.model.encoder_kwargs = encoder, {}
+    input_size = tuple(int(s) for s in (input_size or config.data.patch_size))
+    training: dict[str, dict[str, Any]] = {}
+    if dataset is not None:
+        if minutes <= 0:
+            raise ValueError(f"--train needs a positive --minutes budget, got {minutes}")
+        training = train_variants(dataset, config, out, minutes, fold, device, progress)
+        specs = {name: ModelSpec.load(Path(t["run"]) / "model.json") for name, t in training.items()}
+    else:
+        specs = variant_specs(brats_model_spec(config))
+    devices = ["cpu"]
+    accel = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(accel).type == "cuda":
+        devices.append(accel)
+    models: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        if progress:
+            print(f"benchmark: measuring {name} ({', '.join(spec.heads)})", file=sys.stderr, flush=True)
+        models[name] = measure_model(spec, input_size, devices, warmup, repeats, memory)
+        if name in training:
+            models[name]["training"] = training[name]
+    total, ratio = _ratios(models)
+    report = {
+        "config": config_name, "encoder": config.model.encoder, "encoder_kwargs": specs["multi"].encoder_kwargs,
+        "input_size": list(input_size), "in_channels": specs["multi"].in_channels,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+                        "cuda": torch.cuda.get_device_name(torch.device(devices[1])) if len(devices) > 1 else None},
+        "latency_runs": {"warmup": warmup, "repeats": repeats},
+        "training": {"dataset": str(dataset), "minutes": minutes, "fold": fold} if dataset is not None else None,
+        "models": models, "single_task_sum": total, "ratio_multi_over_sum": ratio,
+    }
+    write_json(out / "benchmark.json", report)
+    atomic_write_text(out / "benchmark.md", format_markdown(report))
+    return report
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table: one row per model, then the single-task sum and the multi / sum ratio."""
+    models, total, ratio = report["models"], report["single_task_sum"], report["ratio_multi_over_sum"]
+    devices = list(models["multi"]["latency_ms"])
+    memories = [d for d in models["multi"]["memory_mib"] if d != "cpu_process"]
+    metric_names: list[str] = []
+    for m in models.values():
+        metric_names += [k for k in m.get("training", {}).get("metrics", {}) if k not in metric_names]
+    header = ["model", "heads", "params (M)", "GFLOPs", "GMACs"]
+    header += [f"{d.upper()} latency (ms)" for d in devices]
+    header += [f"{d.upper()} peak mem (MiB)" for d in memories]
+    if metric_names:
+        header += ["epochs"] + metric_names
+    rows = []
+    for name, m in models.items():
+        row = [name, "+".join(h[:3] for h in m["heads"]), _num(m["params"] / 1e6, 3), _num(m["flops"] / 1e9),
+               _num(m["macs"] / 1e9)]
+        row += [_num(m["latency_ms"][d]["median"], 1) for d in devices]
+        row += [_num(m["memory_mib"][d], 0) for d in memories]
+        if metric_names:
+            t = m.get("training", {})
+            row += [str(t.get("epochs", "–"))] + [_num(t.get("metrics", {}).get(k), 3) for k in metric_names]
+        rows.append(row)
+    row = ["single-task sum", "seg+det+cls", _num(total["params"] / 1e6, 3), _num(total["flops"] / 1e9),
+           _num(total["macs"] / 1e9)]
+    row += [_num(total["latency_ms"][d]["median"], 1) for d in devices]
+    row += [_num(total["memory_mib"][d], 0) for d in memories]
+    rows.append(row + ([""] * (1 + len(metric_names)) if metric_names else []))
+    row = ["multi / sum", "", _num(ratio["params"], 3), _num(ratio["flops"], 3), _num(ratio["macs"], 3)]
+    row += [_num(ratio["latency"][d], 3) for d in devices]
+    row += [_num(ratio["memory"][d], 3) for d in memories]
+    rows.append(row + ([""] * (1 + len(metric_names)) if metric_names else []))
+    size = "x".join(map(str, report["input_size"]))
+    env = report["environment"]
+    lines = [f"# Multi-task vs single-task: {report['config'] or 'config'} ({report['encoder']} encoder)", "",
+             f"Input 1 x {report['in_channels']} x {size}; torch {env['torch']}, {env['cpu_threads']} CPU thread(s)"
+             + (f", {env['cuda']}" if env["cuda"] else "") + f"; latency = median of {report['latency_runs']['repeats']}"
+             f" inference-mode runs after {report['latency_runs']['warmup']} warm-up runs (detection post-processing"
+             " included); FLOPs from torch.utils.flop_counter (conv + matmul, 2 per MAC); CPU peak mem = peak-RSS growth"
+             " of one forward pass in a fresh process.", ""]
+    if report.get("training"):
+        t = report["training"]
+        lines += [f"Training: each model {t['minutes']} min on {t['dataset']} (fold {t['fold']}); metrics from the "
+                  "validation after the last epoch.", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,104 @@
+"""MultiTaskModel: any subset of heads, one encoder pass, detection on shared features, anchors from boxes."""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from medtriad.models.heads.detection import anchor_shapes_from_boxes
+from medtriad.models.multitask import HEADS, ModelSpec, MultiTaskModel
+
+
+def spec(heads, encoder="resenc", **kwargs) -> ModelSpec:
+    encoder_kwargs = {"channels": [4, 8, 16, 16, 16]} if encoder == "resenc" else {
+        "embed_dim": 12, "num_heads": [1, 1, 1, 1]}
+    return ModelSpec(encoder=encoder, in_channels=4, channel_names=["FLAIR", "T1", "T1ce", "T2"], heads=list(heads),
+                     spacing=[2.0, 2.0, 2.0], encoder_kwargs=encoder_kwargs,
+                     regions={"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]},
+                     labels={"background": 0, "a": 1, "b": 2, "c": 4},
+                     tasks={"grade": {"kind": "binary", "classes": ["LGG", "HGG"]},
+                            "findings": {"kind": "multilabel", "classes": ["x", "y", "z"]}},
+                     detection={"anchor_shapes": [[3, 3, 3], [4, 5, 4], [6, 6, 5]]}, **kwargs)
+
+
+SUBSETS = [list(c) for n in (1, 2, 3) for c in itertools.combinations(HEADS, n)]
+
+
+@pytest.mark.parametrize("heads", SUBSETS, ids=["+".join(h) for h in SUBSETS])
+def test_any_subset_of_heads_builds_trains_and_predicts(heads):
+    torch.manual_seed(0)
+    model = MultiTaskModel(spec(heads))
+    assert set(model.heads) == set(heads)
+    x = torch.randn(2, 4, 32, 32, 32)
+    targets = [{"boxes": torch.tensor([[4.0, 5, 6, 20, 22, 18]]), "labels": torch.zeros(1, dtype=torch.long)},
+               {"boxes": torch.zeros((0, 6)), "labels": torch.zeros(0, dtype=torch.long)}]  # a patch with no box
+    out = model(x, det_targets=targets if "detection" in heads else None)
+    assert set(out) == set(heads)
+    loss = 0
+    if "segmentation" in heads:
+        assert out["segmentation"].shape == (2, 3, 32, 32, 32)
+        loss = loss + out["segmentation"].mean()
+    if "classification" in heads:
+        assert out["classification"]["grade"].shape == (2, 1)
+        assert out["classification"]["findings"].shape == (2, 3)
+        loss = loss + sum(v.mean() for v in out["classification"].values())
+    if "detection" in heads:
+        assert set(out["detection"]) == {"classification", "box_regression"}
+        assert all(torch.isfinite(v) for v in out["detection"].values())
+        loss = loss + sum(out["detection"].values())
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    if "detection" in heads:
+        assert len(out["detection"]) == 2 and out["detection"][0]["boxes"].shape[1] == 6
+
+
+def test_encoder_runs_once_per_forward():
+    model = MultiTaskModel(spec(HEADS))
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 4, 32, 32, 32))
+    assert len(calls) == 1
+
+
+def test_swin_encoder_feeds_all_heads():
+    model = MultiTaskModel(spec(HEADS, encoder="swin"))
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 4, 64, 64, 64))
+    assert out["segmentation"].shape == (1, 3, 64, 64, 64)
+    assert out["classification"]["grade"].shape == (1, 1)
+
+
+def test_detection_state_dict_holds_only_learned_weights():
+    model = MultiTaskModel(spec(["detection"]))
+    keys = list(model.state_dict())
+    assert not any("detector" in k for k in keys)
+    assert any(k.startswith("heads.detection.fpn") for k in keys)
+
+
+def test_missing_head_requirements_are_named():
+    with pytest.raises(ValueError, match="anchor_shapes"):
+        MultiTaskModel(dataclasses.replace(spec(["detection"]), detection={}))
+    with pytest.raises(ValueError, match="subset"):
+        MultiTaskModel(spec(["boxes"]))
+
+
+def test_anchor_shapes_never_exceed_the_patch_and_follow_the_boxes():
+    rng = np.random.default_rng(0)
+    small = rng.uniform(3, 6, size=(40, 3))
+    large = rng.uniform(30, 90, size=(40, 3))  # larger than the patch along some axes
+    shapes = np.array(anchor_shapes_from_boxes(np.concatenate([small, large]), (64, 64, 48), num_anchors=3,
+                                               num_levels=3))
+    assert shapes.shape == (3, 3)
+    coarse = shapes * 4  # the coarsest of three levels scales the base shapes by 2**2
+    assert np.all(coarse <= np.array([64, 64, 48]) + 1e-6)
+    assert coarse.min() < 8 and coarse.max() > 40  # one cluster per size group
+    with pytest.raises(ValueError, match="no boxes"):
+        anchor_shapes_from_boxes(np.zeros((0, 3)), (64, 64, 64))

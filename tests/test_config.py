@@ -1,0 +1,33 @@
+"""Config: packaged recipes, overrides, YAML round trip, clear errors."""
+
+import pytest
+
+from medtriad.config import Config, list_recipes
+
+
+def test_packaged_recipes_load_and_round_trip(tmp_path):
+    assert {"brats-cpu", "brats-swin", "demo-cpu", "demo-quick", "tiny"} <= set(list_recipes())
+    for name in list_recipes():
+        config = Config.load(name)
+        config.save(tmp_path / f"{name}.yaml")
+        assert Config.load(tmp_path / f"{name}.yaml") == config
+    swin = Config.load("brats-swin")
+    assert swin.model.encoder == "swin" and tuple(swin.data.patch_size) == (96, 96, 96)
+
+
+def test_overrides_and_types():
+    config = Config.load("brats-cpu", {"training.epochs": 3, "data.patch_size": [32, 32, 32]})
+    assert config.training.epochs == 3
+    assert config.data.patch_size == (32, 32, 32)
+    assert Config.load().model.heads == ("segmentation", "detection", "classification")
+
+
+def test_unknown_keys_and_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="epochz"):
+        Config.load("tiny", {"training.epochz": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainin:\n  epochs: 3\n")
+    with pytest.raises(ValueError, match="trainin"):
+        Config.load(bad)
+    with pytest.raises(ValueError, match="no-such-recipe"):
+        Config.load("no-such-recipe")
