@@ -117,3 +117,19 @@ def test_stratified_folds_balance_classes(synth_dataset):
         stratified_folds(cases, spec, 1, seed=0)
     assert np.array_equal(np.array(stratified_folds(cases, spec, 4, seed=0), dtype=object),
                           np.array(folds, dtype=object))
+
+
+@pytest.mark.parametrize("balancing", ["uncertainty", "gradnorm"])
+def test_learned_loss_balancing_trains_and_logs_weights(synth_dataset, tmp_path, balancing):
+    config = Config.load("tiny", {**TINY, "training.epochs": 1, "training.iterations_per_epoch": 3,
+                                  "training.balancing": balancing})
+    train(synth_dataset, config, tmp_path / "run", progress=False)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    weights = history[-1]["loss_weights"]
+    assert set(weights) == {"segmentation", "detection", "class:grade"}
+    assert all(math.isfinite(w) and w > 0 for w in weights.values())
+    assert any(abs(w - 1.0) > 1e-4 for w in weights.values())  # learned: moved away from their start
+    if balancing == "gradnorm":
+        assert sum(weights.values()) == pytest.approx(3.0, rel=1e-4)
+    saved = load_weights(tmp_path / "run" / "checkpoints" / "last")
+    assert any(k.startswith("balancer.") for k in saved)  # the learned weights travel with the checkpoint
