@@ -11,6 +11,7 @@ import csv
 import io
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,69 @@ from medtriad.evaluation.metrics import (
     summarize,
 )
 from medtriad.inference.predictor import Prediction, Predictor
+from medtriad.models.multitask import ModelSpec
 from medtriad.io import atomic_write_text, write_json
+
+
+@dataclass
+class CaseScore:
+    """One case's metrics row plus what the data-set-level metrics need (small and picklable, so that the cases
+    scored on several ranks can be gathered on one)."""
+
+    row: dict[str, Any]
+    det: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # predicted boxes, scores, true boxes
+    classes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # task -> (probabilities, target)
+
+
+def score_case(predictor: Predictor, sample: Sample) -> tuple[CaseScore, Prediction]:
+    """Predict one case and compute its per-case metrics."""
+    spec = predictor.spec
+    pred = predictor.predict_sample(sample)
+    score = CaseScore({"case": sample.case_id})
+    row = score.row
+    if pred.mask is not None and sample.label is not None:
+        p = regions_from_label(pred.mask, spec.regions).astype(bool)
+        t = regions_from_label(sample.label, spec.regions).astype(bool)
+        row.update(segmentation_metrics(p, t, list(spec.regions), sample.geometry.spacing))
+    if "detection" in spec.heads and sample.boxes is not None:
+        row.update({f"det_{k}": v for k, v in per_case_detection(pred.boxes_voxel, pred.scores,
+                                                                 sample.boxes).items()})
+        row["det_num_pred"] = int(len(pred.scores))
+        score.det = (pred.boxes_voxel, pred.scores, sample.boxes)
+    for task, probs in pred.probabilities.items():
+        for name, value in probs.items():
+            row[f"p_{task}_{name}"] = round(value, 6)
+        target = sample.classes.get(task)
+        row[f"target_{task}"] = "" if target is None else (
+            ";".join(map(str, target)) if isinstance(target, (tuple, list)) else target)
+        values = list(probs.values())
+        score.classes[task] = (values[1] if spec.tasks[task]["kind"] == "binary" else values,
+                               -1 if target is None else target)
+    return score, pred
+
+
+def summarize_scores(scores: list[CaseScore], spec: ModelSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-case rows (sorted by case) and the data-set summary (see :func:`evaluate_samples`)."""
+    scores = sorted(scores, key=lambda s: s.row["case"])
+    rows = [s.row for s in scores]
+    summary: dict[str, Any] = {"num_cases": len(rows)}
+    seg_rows = [{k: v for k, v in r.items() if k.startswith(("dice_", "hd95_"))} for r in rows]
+    if any(seg_rows):
+        summary["segmentation"] = summarize([r for r in seg_rows if r])
+    det = [s.det for s in scores if s.det is not None]
+    if det:
+        summary["detection"] = detection_metrics(*map(list, zip(*det)))
+    classification = {}
+    for task, info in spec.tasks.items():
+        pairs = [s.classes[task] for s in scores if task in s.classes]
+        if pairs:
+            probs, targets = zip(*pairs)
+            classification[task] = classification_metrics(info["kind"], np.asarray(probs, dtype=float),
+                                                           _targets(list(targets), info["kind"]), info["classes"])
+    if classification:
+        summary["classification"] = classification
+    summary["score"] = selection_score(summary, list(spec.regions))
+    return rows, summary
 
 
 def evaluate_samples(predictor: Predictor, samples: Iterable[Sample], progress: bool = False,
@@ -39,54 +102,13 @@ def evaluate_samples(predictor: Predictor, samples: Iterable[Sample], progress: 
         "classification": {task: {...}}, "score": model-selection score, "num_cases": n}``;
         predictions: the Prediction objects when ``keep_predictions`` (for reports), else empty.
     """
-    spec = predictor.spec
-    regions = list(spec.regions)
-    rows: list[dict[str, Any]] = []
-    kept: list[Prediction] = []
-    det_pred, det_scores, det_gt = [], [], []
-    cls_probs: dict[str, list] = {t: [] for t in spec.tasks}
-    cls_targets: dict[str, list] = {t: [] for t in spec.tasks}
-    samples = list(samples)
-    for sample in tqdm(samples, desc="evaluate", unit="case", disable=not progress, leave=False):
-        pred = predictor.predict_sample(sample)
+    scores, kept = [], []
+    for sample in tqdm(list(samples), desc="evaluate", unit="case", disable=not progress, leave=False):
+        score, pred = score_case(predictor, sample)
+        scores.append(score)
         if keep_predictions:
             kept.append(pred)
-        row: dict[str, Any] = {"case": sample.case_id}
-        if pred.mask is not None and sample.label is not None:
-            p = regions_from_label(pred.mask, spec.regions).astype(bool)
-            t = regions_from_label(sample.label, spec.regions).astype(bool)
-            row.update(segmentation_metrics(p, t, regions, sample.geometry.spacing))
-        if "detection" in spec.heads and sample.boxes is not None:
-            row.update({f"det_{k}": v for k, v in per_case_detection(pred.boxes_voxel, pred.scores,
-                                                                     sample.boxes).items()})
-            row["det_num_pred"] = int(len(pred.scores))
-            det_pred.append(pred.boxes_voxel)
-            det_scores.append(pred.scores)
-            det_gt.append(sample.boxes)
-        for task, probs in pred.probabilities.items():
-            for name, value in probs.items():
-                row[f"p_{task}_{name}"] = round(value, 6)
-            target = sample.classes.get(task)
-            row[f"target_{task}"] = "" if target is None else (
-                ";".join(map(str, target)) if isinstance(target, (tuple, list)) else target)
-            info = spec.tasks[task]
-            values = list(probs.values())
-            cls_probs[task].append(values[1] if info["kind"] == "binary" else values)
-            cls_targets[task].append(-1 if target is None else target)
-        rows.append(row)
-    summary: dict[str, Any] = {"num_cases": len(rows)}
-    seg_rows = [{k: v for k, v in r.items() if k.startswith(("dice_", "hd95_"))} for r in rows]
-    if any(seg_rows):
-        summary["segmentation"] = summarize([r for r in seg_rows if r])
-    if det_gt:
-        summary["detection"] = detection_metrics(det_pred, det_scores, det_gt)
-    if any(cls_probs.values()):
-        summary["classification"] = {
-            task: classification_metrics(spec.tasks[task]["kind"], np.asarray(cls_probs[task], dtype=float),
-                                         _targets(cls_targets[task], spec.tasks[task]["kind"]),
-                                         spec.tasks[task]["classes"])
-            for task in spec.tasks if cls_probs[task]}
-    summary["score"] = selection_score(summary, regions)
+    rows, summary = summarize_scores(scores, predictor.spec)
     return rows, summary, kept
 
 

@@ -20,7 +20,7 @@ whole volume (see medtriad.inference.predictor), so the tumour tokens the head l
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import random
 import time
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medtriad.checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
@@ -38,12 +39,13 @@ from medtriad.data.boxes import boxes_from_instances
 from medtriad.data.check import check_dataset, format_problems
 from medtriad.data.layout import Case, DatasetSpec, load_dataset
 from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
-from medtriad.evaluation.evaluate import evaluate_samples
+from medtriad.evaluation.evaluate import score_case, summarize_scores
 from medtriad.inference.predictor import Predictor, pick_device
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 from medtriad.training.losses import ClassificationLoss, SegmentationLoss, build_balancer
+from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
 
 
@@ -89,14 +91,19 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.fold = fold
+        self.rank, self.world, local_rank = init_distributed()
         self.device = pick_device(device)
-        self.progress = progress
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        self.main = self.rank == 0
+        self.progress = progress and self.main
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> None:
         cfg = self.config
-        problems = check_dataset(self.dataset, progress=self.progress)
+        problems = broadcast(check_dataset(self.dataset, progress=self.progress) if self.main else None, self.world)
         if problems:
             raise DatasetInvalidError(f"dataset {self.dataset} is not valid:\n{format_problems(problems)}")
         spec, cases = load_dataset(self.dataset)
@@ -110,12 +117,16 @@ class Trainer:
                                   for i in tqdm(sorted(ids), desc=f"load {what}", unit="case",
                                                 disable=not self.progress, leave=False)]
         self.train_samples = load(set(by_id) - val_ids, "train")
-        self.val_samples = load(val_ids, "val")
+        self.val_samples = load(sorted(val_ids)[self.rank::self.world], "val")  # each rank validates its share
         self.split = {"num_folds": len(folds), "fold": self.fold, "seed": cfg.training.seed, "folds": folds,
                       "train": sorted(set(by_id) - val_ids), "val": sorted(val_ids)}
         self.model_spec = self._model_spec()
         # channels-last 3D memory is ~10 % faster for oneDNN convolutions on CPU
         self.model = MultiTaskModel(self.model_spec).to(self.device, memory_format=torch.channels_last_3d)
+        self.network: torch.nn.Module = self.model
+        if self.world > 1:  # gradients averaged across ranks by PyTorch's DistributedDataParallel
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         for s in self.train_samples:  # patches: volumes padded once to at least the patch size
             s.image = pad_to(s.image, cfg.data.patch_size)
             if s.regions is not None:
@@ -197,7 +208,8 @@ class Trainer:
     # ------------------------------------------------------------------ batches
     def _batch(self, step: int) -> dict[str, Any]:
         cfg = self.config
-        rng = np.random.default_rng([cfg.training.seed, step])
+        # a distributed sampler for random patches: each rank draws its own, as a function of (seed, step, rank)
+        rng = np.random.default_rng([cfg.training.seed, step, self.rank])
         picks = rng.integers(0, len(self.train_samples), size=cfg.training.batch_size)
         images, regions, boxes, fg, classes = [], [], [], [], {t: [] for t in self.model_spec.tasks}
         for k, index in enumerate(picks):
@@ -232,20 +244,26 @@ class Trainer:
         return torch.tensor([-1 if v is None else int(v) for v in values], dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ one step
-    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         heads = self.model_spec.heads
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(batch["image"], det_targets=batch["boxes"] if "detection" in heads else None)
+            out = self.network(batch["image"], det_targets=batch["boxes"] if "detection" in heads else None)
         losses: dict[str, torch.Tensor] = {}
         if "segmentation" in out:
             losses["segmentation"] = self.seg_loss(out["segmentation"].float(), batch["regions"])
         if "detection" in out:
             losses["detection"] = sum(v.float() for v in out["detection"].values())
+        unused = []
         if "classification" in out:
             logits = {t: v.float() for t, v in out["classification"].items()}
-            for task, value in self.cls_loss(logits, batch["classes"]).items():
+            found = self.cls_loss(logits, batch["classes"])
+            for task, value in found.items():
                 losses[f"class:{task}"] = value
-        return losses
+            unused = [v for t, v in logits.items() if t not in found]
+        # A head without a target in this batch (no known class label) still joins the graph with weight zero, so
+        # every parameter gets a (zero) gradient: DDP then synchronises as always instead of failing or skipping.
+        losses_tail = sum((0.0 * v.sum() for v in unused), torch.zeros((), device=self.device))
+        return losses, losses_tail
 
     # ------------------------------------------------------------------ state
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -297,13 +315,17 @@ class Trainer:
             state = self._restore()
             start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
             history, best = state["history"], state["best_score"]
-        else:
+        elif self.main:
             cfg.save(self.run_dir / "config.yaml")
             self.model_spec.save(self.run_dir / "model.json")
             write_json(self.run_dir / "split.json", self.split)
         summary: dict[str, Any] = history[-1]["validation"] if history else {}
         self._t0 = time.monotonic() - elapsed
-        out_of_time = lambda: bool(cfg.training.max_minutes) and self._elapsed() >= cfg.training.max_minutes * 60  # noqa: E731
+
+        def out_of_time() -> bool:  # rank 0's clock decides for every rank, so all stop at the same step
+            budget = cfg.training.max_minutes * 60
+            return bool(broadcast(bool(budget) and self._elapsed() >= budget, self.world))
+
         epoch = start_epoch - 1
         for epoch in range(start_epoch, cfg.training.epochs):
             if out_of_time():
@@ -315,10 +337,13 @@ class Trainer:
                        disable=not self.progress, leave=False)
             for _ in bar:
                 self.optimizer.zero_grad(set_to_none=True)
-                for _ in range(cfg.training.accumulate):
-                    losses = self._losses(self._batch(step))
-                    total = self.balancer(losses) / cfg.training.accumulate
-                    self.scaler.scale(total).backward()
+                for micro in range(cfg.training.accumulate):
+                    # gradient accumulation: DDP synchronises on the last micro-batch only
+                    sync = micro + 1 == cfg.training.accumulate or self.world == 1
+                    with (contextlib.nullcontext() if sync else self.network.no_sync()):
+                        losses, tail = self._losses(self._batch(step * cfg.training.accumulate + micro))
+                        total = (self.balancer(losses) + tail) / cfg.training.accumulate
+                        self.scaler.scale(total).backward()
                     for k, v in losses.items():
                         sums.setdefault(k, []).append(float(v.detach()))
                 self.scaler.unscale_(self.optimizer)
@@ -337,7 +362,10 @@ class Trainer:
             last_epoch = epoch + 1 == cfg.training.epochs or out_of_time()
             if (epoch + 1) % cfg.training.validate_every == 0 or last_epoch:
                 predictor = Predictor(self.model, cfg.inference, str(self.device))
-                _, summary, _ = evaluate_samples(predictor, self.val_samples, progress=self.progress)
+                mine = [score_case(predictor, s)[0] for s in tqdm(self.val_samples, desc="validate", unit="case",
+                                                                   disable=not self.progress, leave=False)]
+                scores = [s for part in gather(mine, self.world) for s in part]  # every rank's cases
+                _, summary = summarize_scores(scores, self.model_spec)
                 record["validation"] = summary
             else:
                 record["validation"] = {}
@@ -348,16 +376,19 @@ class Trainer:
             improved = np.isfinite(score) and score > best
             if improved:
                 best = score
-            self._save("last", epoch, step, elapsed, history, best)
-            if improved or not (self.run_dir / "checkpoints" / "best").exists():
-                self._save("best", epoch, step, elapsed, history, best)
-            write_json(self.run_dir / "history.json", history)
-            plot_progress(history, self.run_dir / "progress.png")
-            line = _epoch_line(record)
-            with open(self.run_dir / "train.log", "a") as log:
-                log.write(line + "\n")
-            if self.progress:
-                tqdm.write(line)
+            # every rank took the same decisions from the same gathered metrics; rank 0 alone writes
+            if self.main:
+                self._save("last", epoch, step, elapsed, history, best)
+                if improved or not (self.run_dir / "checkpoints" / "best").exists():
+                    self._save("best", epoch, step, elapsed, history, best)
+                write_json(self.run_dir / "history.json", history)
+                plot_progress(history, self.run_dir / "progress.png")
+                line = _epoch_line(record)
+                with open(self.run_dir / "train.log", "a") as log:
+                    log.write(line + "\n")
+                if self.progress:
+                    tqdm.write(line)
+            barrier(self.world)
             if last_epoch:
                 break
         return TrainResult(self.run_dir, best, epoch + 1, summary)

@@ -158,5 +158,9 @@ class DetectionHead(nn.Module):
         num_locs = [x.shape[2:].numel() for x in outputs["classification"]]
         flat = {key: det._reshape_maps(value) for key, value in outputs.items()}
         if targets is not None:
-            return det.compute_loss(flat, targets, det.anchors, num_locs)
+            losses = det.compute_loss(flat, targets, det.anchors, num_locs)
+            # With no box in the batch MONAI returns a constant box loss; keep the regression head in the graph
+            # (zero gradient) so that DDP still finds a gradient for every parameter.
+            losses["box_regression"] = losses["box_regression"] + 0.0 * flat["box_regression"].sum()
+            return losses
         return det.postprocess_detections(flat, det.anchors, [list(image_size)] * batch, num_locs)

@@ -1,0 +1,47 @@
+"""PyTorch's own distributed engine for training: torchrun sets the environment, we join the process group.
+
+``torchrun --nproc_per_node=N -m medtriad train ...`` (or a multi-node rendezvous) starts one process per GPU (or CPU
+worker); :func:`init_distributed` joins them (NCCL on CUDA, Gloo on CPU) and everything else stays PyTorch's:
+DistributedDataParallel averages gradients, ``all_gather_object`` collects validation results. Rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group torchrun describes (if any, and if not joined yet); returns (rank, world, local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return 0, 1, 0
+
+
+def gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (just ``[obj]`` without a process group)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any, world: int, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
