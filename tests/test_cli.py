@@ -1,0 +1,40 @@
+"""The command line on bad input: clear messages naming case and file, non-zero exits, no tracebacks."""
+
+import shutil
+
+import numpy as np
+import nibabel as nib
+
+from medtriad.cli import main
+
+
+def test_check_and_train_name_the_broken_case_and_file(synth_dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    images = sorted((data / "imagesTr").glob("*_0001.nii.gz"))
+    truncated, with_nan = images[0], images[1]
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    img = nib.load(with_nan)
+    array = np.asarray(img.dataobj, dtype=np.float32)
+    array[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(array, img.affine), with_nan)
+
+    assert main(["check", str(data), "-q"]) == 1
+    err = capsys.readouterr().err
+    for path in (truncated, with_nan):
+        case = path.name.removesuffix("_0001.nii.gz")
+        assert case in err and path.name in err
+    assert "Traceback" not in err
+
+    run = tmp_path / "run"
+    assert main(["train", str(data), "-c", "tiny", "-o", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert truncated.name in err and with_nan.name in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists()
+
+
+def test_unknown_config_and_missing_run_are_plain_errors(synth_dataset, tmp_path, capsys):
+    assert main(["train", str(synth_dataset), "-c", "no-such-recipe", "-o", str(tmp_path / "r"), "-q"]) == 2
+    assert "no-such-recipe" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing"), str(synth_dataset), "-q"]) == 2
+    assert "model.json" in capsys.readouterr().err
