@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,7 @@ def brats_model_spec(config: Config, encoder: str | None = None,
         heads=list(VARIANTS["multi"]), spacing=list(config.data.spacing),
         encoder_kwargs=dict(config.model.encoder_kwargs) if encoder in (None, config.model.encoder) else {},
         regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),
+        segmentation=dict(config.model.segmentation) if encoder in (None, config.model.encoder) else {},
         detection=detection, classification_hidden=config.model.classification_hidden)
 
 
@@ -111,20 +111,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_latency(model: nn.Module, x: Tensor, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
-    """Median, min and max wall time (ms) of ``model(x)`` in inference mode, after ``warmup`` untimed runs."""
+def measure_latencies(models: dict[str, nn.Module], x: Tensor, warmup: int = 2,
+                      repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Median, min and max wall time (ms) of ``model(x)`` in inference mode for each model, after ``warmup`` untimed
+    runs each.
+
+    The timed runs are interleaved (one run of every model per round, the order rotating between rounds), so that
+    a change in the machine's load during the measurement (other processes, clock boosts, thermal limits) is
+    shared by all models instead of falling on whichever model happened to run then.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    times = []
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            _sync(x.device)
-            start = time.perf_counter()
-            model(x)
-            _sync(x.device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeats}
+        for name in names:
+            for _ in range(warmup):
+                models[name](x)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                _sync(x.device)
+                start = time.perf_counter()
+                models[name](x)
+                _sync(x.device)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "runs": repeats}
+            for name, t in times.items()}
+
+
+def measure_latency(model: nn.Module, x: Tensor, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+    """:func:`measure_latencies` of one model."""
+    return measure_latencies({"model": model}, x, warmup, repeats)["model"]
 
 
 def measure_cuda_memory(model: nn.Module, x: Tensor) -> float:
@@ -139,14 +156,23 @@ def measure_cuda_memory(model: nn.Module, x: Tensor) -> float:
     return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
 
 
-def _current_rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field: str) -> float:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**10
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _memory_child() -> None:
@@ -157,63 +183,96 @@ def _memory_child() -> None:
     model = MultiTaskModel(ModelSpec(**request["spec"])).eval()
     x = torch.randn(1, model.spec.in_channels, *request["input_size"])
     with torch.inference_mode():
-        # a pass on the smallest valid input first: loads the oneDNN kernels and thread pools, which would
-        # otherwise count as the first pass's memory (~100 MiB whatever the input)
-        model(torch.zeros(1, model.spec.in_channels, *[model.size_divisible] * 3))
-        before_rss, before_peak = _current_rss_mib(), _peak_rss_mib()
+        # a pass on a minimal input first: loads the oneDNN kernels and thread pools, which would otherwise
+        # count as the measured pass's memory (~100 MiB whatever the input)
+        model(torch.zeros(1, model.spec.in_channels, *[2 * model.size_divisible] * 3))
+        before = _status_mib("VmRSS")
+        reset = _reset_peak_rss()
         model(x)
-    after_peak = _peak_rss_mib()
-    # when the pass stays below an earlier peak (tiny inputs), the difference is only an upper bound
-    print(json.dumps({"forward_peak_mib": after_peak - before_rss, "process_peak_mib": after_peak,
-                      "rss_before_mib": before_rss, "new_peak": after_peak > before_peak}))
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"forward_peak_mib": peak - before, "process_peak_mib": peak, "rss_before_mib": before,
+                      "peak_reset": reset}))
 
 
 def measure_cpu_memory(spec: ModelSpec, input_size: Sequence[int], threads: int | None = None) -> dict[str, float]:
     """Peak memory of one CPU inference pass, measured in a fresh Python process so that nothing the parent has
     allocated (other models, the allocator's cache) hides or inflates it.
 
-    Returns (MiB): ``forward_peak_mib`` the process's peak RSS during the pass minus its RSS just before it (model,
-    input and a warm-up pass on a minimal input already done: the activations' footprint), ``process_peak_mib`` the
-    whole process's peak RSS (Python, torch, weights and activations), and ``new_peak`` whether the pass set the
-    process's peak (if not, ``forward_peak_mib`` is an upper bound).
+    The child resets the kernel's peak-RSS mark just before the pass, and runs with glibc's mmap threshold pinned at
+    128 KiB, so that every tensor larger than that is returned to the system when freed and the RSS follows the
+    live tensors (with the default dynamic threshold freed activations stay in the heap and the peak depends on
+    allocation order).
+
+    Returns (MiB): ``forward_peak_mib`` the peak RSS during the pass minus the RSS just before it (model, input and a
+    warm-up pass already done: the activations' footprint), ``process_peak_mib`` the peak RSS of the whole process
+    (Python, torch, weights and activations), ``rss_before_mib``, and ``peak_reset``: whether the peak mark could be
+    reset (if not, the peak is the process's lifetime peak and ``forward_peak_mib`` only an upper bound).
     """
     request = {"spec": dataclasses.asdict(spec), "input_size": list(input_size),
                "threads": threads or torch.get_num_threads()}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, "-c", "from medtriad.benchmark import _memory_child; _memory_child()"],
-                          input=json.dumps(request), capture_output=True, text=True, check=False)
+                          input=json.dumps(request), capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement child failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_model(spec: ModelSpec, input_size: Sequence[int], devices: Sequence[str] = ("cpu",), warmup: int = 2,
-                  repeats: int = 5, memory: bool = True) -> dict[str, Any]:
-    """Parameters, FLOPs/MACs, and per device latency and peak memory of the model ``spec`` builds, on a random
-    input of shape (1, C, *input_size)."""
-    torch.manual_seed(0)
-    model = MultiTaskModel(spec).eval()
+def check_input_size(model: MultiTaskModel, input_size: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``input_size`` is 3 multiples of the encoder's divisor, not all equal to it."""
     div = model.size_divisible
     if len(input_size) != 3 or any(s % div for s in input_size):
-        raise ValueError(f"input size must be 3 multiples of {div} (the {spec.encoder} encoder's divisor), "
+        raise ValueError(f"input size must be 3 multiples of {div} (the {model.spec.encoder} encoder's divisor), "
                          f"got {tuple(input_size)}")
-    x = torch.randn(1, spec.in_channels, *input_size)
-    flops = count_flops(model, x)
-    result: dict[str, Any] = {"heads": list(spec.heads), "params": count_parameters(model), "flops": flops,
-                              "macs": flops // 2, "latency_ms": {}, "memory_mib": {}}
-    for name in devices:
-        device = torch.device(name)
-        model.to(device)
+    if all(s == div for s in input_size):  # instance norm needs more than one voxel in the deepest map
+        raise ValueError(f"input size {tuple(input_size)} leaves the deepest map 1 voxel; make one side {2 * div}")
+
+
+def measure_model(spec: ModelSpec, input_size: Sequence[int], devices: Sequence[str] = ("cpu",), warmup: int = 2,
+                  repeats: int = 5, memory: bool = True) -> dict[str, Any]:
+    """:func:`measure_variants` of one model."""
+    return measure_variants({"model": spec}, input_size, devices, warmup, repeats, memory)["model"]
+
+
+def measure_variants(specs: dict[str, ModelSpec], input_size: Sequence[int], devices: Sequence[str] = ("cpu",),
+                     warmup: int = 2, repeats: int = 5, memory: bool = True,
+                     progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Per model: heads, parameters, FLOPs and MACs of one forward pass, latency per device (interleaved over the
+    models, see :func:`measure_latencies`) and peak memory per device (MiB; CPU in a child process, see
+    :func:`measure_cpu_memory`), all on one random input of shape (1, C, *input_size)."""
+    torch.manual_seed(0)
+    models = {name: MultiTaskModel(spec).eval() for name, spec in specs.items()}
+    for model in models.values():
+        check_input_size(model, input_size)
+    x = torch.randn(1, next(iter(specs.values())).in_channels, *input_size)
+    results: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        flops = count_flops(model, x)
+        results[name] = {"heads": list(model.spec.heads), "params": count_parameters(model), "flops": flops,
+                         "macs": flops // 2, "latency_ms": {}, "memory_mib": {}}
+    for device_name in devices:
+        device = torch.device(device_name)
+        if progress:
+            print(f"benchmark: timing {', '.join(models)} on {device}", file=sys.stderr, flush=True)
+        for model in models.values():
+            model.to(device)
         xd = x.to(device)
-        result["latency_ms"][device.type] = measure_latency(model, xd, warmup, repeats)
+        for name, stats in measure_latencies(models, xd, warmup, repeats).items():
+            results[name]["latency_ms"][device.type] = stats
         if memory and device.type == "cuda":
-            result["memory_mib"]["cuda"] = measure_cuda_memory(model, xd)
-        model.to("cpu")
+            for name, model in models.items():
+                results[name]["memory_mib"]["cuda"] = measure_cuda_memory(model, xd)
+        for model in models.values():
+            model.to("cpu")
         del xd
     if memory and any(torch.device(d).type == "cpu" for d in devices):
-        cpu = measure_cpu_memory(spec, input_size)
-        result["memory_mib"]["cpu"] = cpu["forward_peak_mib"]
-        result["cpu_memory_detail"] = cpu
-    return result
+        for name, spec in specs.items():
+            if progress:
+                print(f"benchmark: CPU memory of {name} (child process)", file=sys.stderr, flush=True)
+            cpu = measure_cpu_memory(spec, input_size)
+            results[name]["memory_mib"]["cpu"] = cpu["forward_peak_mib"]
+            results[name]["cpu_memory_detail"] = cpu
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -305,19 +364,17 @@ def run_benchmark(config: Config, out: str | Path, input_size: Sequence[int] | N
     accel = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(accel).type == "cuda":
         devices.append(accel)
-    models: dict[str, dict[str, Any]] = {}
-    for name, spec in specs.items():
-        if progress:
-            print(f"benchmark: measuring {name} ({', '.join(spec.heads)})", file=sys.stderr, flush=True)
-        models[name] = measure_model(spec, input_size, devices, warmup, repeats, memory)
-        if name in training:
-            models[name]["training"] = training[name]
+    models = measure_variants(specs, input_size, devices, warmup, repeats, memory, progress)
+    for name, result in training.items():
+        models[name]["training"] = result
     total, ratio = _ratios(models)
     report = {
         "config": config_name, "encoder": config.model.encoder, "encoder_kwargs": specs["multi"].encoder_kwargs,
         "input_size": list(input_size), "in_channels": specs["multi"].in_channels,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+                        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "load_average_1min": os.getloadavg()[0],
+                        "processor": platform.processor() or platform.machine(),
                         "cuda": torch.cuda.get_device_name(torch.device(devices[1])) if len(devices) > 1 else None},
         "latency_runs": {"warmup": warmup, "repeats": repeats},
         "training": {"dataset": str(dataset), "minutes": minutes, "fold": fold} if dataset is not None else None,
@@ -368,12 +425,13 @@ def format_markdown(report: dict[str, Any]) -> str:
     rows.append(row + ([""] * (1 + len(metric_names)) if metric_names else []))
     size = "x".join(map(str, report["input_size"]))
     env = report["environment"]
+    runs = report["latency_runs"]
+    machine = f"torch {env['torch']}, {env['cpu_threads']} CPU thread(s)" + (f", {env['cuda']}" if env["cuda"] else "")
     lines = [f"# Multi-task vs single-task: {report['config'] or 'config'} ({report['encoder']} encoder)", "",
-             f"Input 1 x {report['in_channels']} x {size}; torch {env['torch']}, {env['cpu_threads']} CPU thread(s)"
-             + (f", {env['cuda']}" if env["cuda"] else "") + f"; latency = median of {report['latency_runs']['repeats']}"
-             f" inference-mode runs after {report['latency_runs']['warmup']} warm-up runs (detection post-processing"
-             " included); FLOPs from torch.utils.flop_counter (conv + matmul, 2 per MAC); CPU peak mem = peak-RSS growth"
-             " of one forward pass in a fresh process.", ""]
+             f"Input 1 x {report['in_channels']} x {size}; {machine}. Latency: median of {runs['repeats']} "
+             f"inference-mode runs (interleaved over the models) after {runs['warmup']} warm-up runs, detection "
+             "post-processing included. FLOPs: torch.utils.flop_counter (convolutions and matmuls, 2 per MAC). "
+             "CPU peak mem: peak-RSS growth of one forward pass in a fresh process.", ""]
     if report.get("training"):
         t = report["training"]
         lines += [f"Training: each model {t['minutes']} min on {t['dataset']} (fold {t['fold']}); metrics from the "

@@ -7,6 +7,7 @@
     medtriad predict -m RUN -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
     medtriad demo [--out DIR] [--minutes M] [--quick]
+    medtriad benchmark -c CONFIG -o OUT [--input-size X Y Z] [--encoder E] [--train DATASET --minutes M]
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medtriad.evaluation.run import evaluate_run
 
+    output = args.output or Path(args.run) / (f"evaluation_{args.split}"
+                                              + ("_last" if args.checkpoint == "last" else ""))
     out, summary = evaluate_run(Path(args.run), Path(args.dataset), split=args.split, device=args.device,
-                                output=args.output, progress=not args.quiet)
+                                output=output, checkpoint=args.checkpoint, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str)[:4000])
     print(f"per-case metrics and summary written to {out}")
     return 0
@@ -109,6 +112,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from medtriad.benchmark import run_benchmark
+    from medtriad.config import Config
+
+    if args.train is None and args.minutes is not None:
+        raise ValueError("--minutes is the training budget of --train DATASET; pass both or neither")
+    config = Config.load(args.config, _overrides(args.set))
+    run_benchmark(config, Path(args.output), input_size=args.input_size, encoder=args.encoder,
+                  config_name=str(args.config), dataset=args.train, minutes=args.minutes or 0.0, fold=args.fold,
+                  device=args.device, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
+                  progress=not args.quiet)
+    print((Path(args.output) / "benchmark.md").read_text())
+    print(f"benchmark written to {Path(args.output) / 'benchmark.md'} and benchmark.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtriad", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("dataset")
     p.add_argument("--split", choices=["val", "all"], default="val")
-    p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="best: the epoch with the best validation score; last: the final weights")
+    p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json (default "
+                   "RUN/evaluation_<split>[_last])")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -160,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="training budget (default 7; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="a reduced, minute-long mode")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("benchmark", help="multi-task model against its three single-task models")
+    p.add_argument("-c", "--config", default="brats-cpu", help="YAML file or packaged recipe name")
+    p.add_argument("-o", "--output", required=True, help="folder for benchmark.md and benchmark.json")
+    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="measured input (default: the config's patch size)")
+    p.add_argument("--encoder", default=None, help="override the config's encoder (swin, resenc)")
+    p.add_argument("--train", default=None, metavar="DATASET", help="also train each model on this dataset")
+    p.add_argument("--minutes", type=float, default=None, help="training budget per model (with --train)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--device", default=None, help="training and second latency device (default: CUDA when present)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("synth", help="generate a synthetic BraTS-like dataset")
     p.add_argument("out")

@@ -43,6 +43,7 @@ class ModelConfig:
         encoder: a name from the encoder registry (``swin``, ``resenc``).
         encoder_kwargs: passed to the encoder's constructor.
         heads: subset of ``segmentation``, ``detection``, ``classification``.
+        segmentation: segmentation head settings (``decoder_channels``: one width per decoder level, fine to coarse).
         detection: detection head settings (anchor shapes are derived from the training boxes when absent).
         classification_hidden: width of the attention-pooling MLP.
     """
@@ -50,6 +51,7 @@ class ModelConfig:
     encoder: str = "resenc"
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     heads: tuple[str, ...] = ("segmentation", "detection", "classification")
+    segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
 

@@ -36,6 +36,7 @@ class ModelSpec:
         regions: segmentation region -> label values (e.g. WT -> [1, 2, 4]); output channel order.
         labels: label name -> value of the training label maps (to write masks in the training convention).
         tasks: classification task -> {"kind": binary|multiclass|multilabel, "classes": [...]}.
+        segmentation: SegmentationHead keyword arguments (decoder channels).
         detection: DetectionHead keyword arguments (anchor shapes, strides, thresholds).
         spacing: the grid (mm) the model works on.
     """
@@ -49,6 +50,7 @@ class ModelSpec:
     regions: dict[str, list[int]] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
 
@@ -87,7 +89,7 @@ class MultiTaskModel(nn.Module):
         if "segmentation" in spec.heads:
             if not spec.regions:
                 raise ValueError("a segmentation head needs regions (dataset.json medtriad.regions)")
-            self.heads["segmentation"] = SegmentationHead(info, len(spec.regions))
+            self.heads["segmentation"] = SegmentationHead(info, len(spec.regions), **spec.segmentation)
         if "detection" in spec.heads:
             if "anchor_shapes" not in spec.detection:
                 raise ValueError("a detection head needs anchor_shapes (derived from the training boxes)")

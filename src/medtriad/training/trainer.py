@@ -202,6 +202,7 @@ class Trainer:
             channel_names=[spec.channel_names[i] for i in sorted(spec.channel_names)], heads=heads,
             spacing=list(cfg.data.spacing), encoder_kwargs=dict(cfg.model.encoder_kwargs),
             regions={k: list(v) for k, v in spec.regions.items()}, labels=dict(spec.labels),
+            segmentation=dict(cfg.model.segmentation) if "segmentation" in heads else {},
             tasks={n: {"kind": t.kind, "classes": list(t.classes)} for n, t in spec.tasks.items()},
             detection=detection, classification_hidden=cfg.model.classification_hidden)
 

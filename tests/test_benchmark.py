@@ -1,0 +1,115 @@
+"""``medtriad benchmark``: counting against hand counts, the four variants, the report's rows, a short training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from medtriad.benchmark import (
+    VARIANTS,
+    brats_model_spec,
+    count_flops,
+    count_parameters,
+    format_markdown,
+    measure_cpu_memory,
+    measure_model,
+    run_benchmark,
+    variant_specs,
+)
+from medtriad.cli import main
+from medtriad.config import Config
+from medtriad.models.encoders import create_encoder
+from medtriad.models.multitask import MultiTaskModel
+
+ROWS = ("| multi |", "| seg |", "| det |", "| cls |", "| single-task sum |", "| multi / sum |")
+
+
+def test_flops_and_params_match_hand_counts():
+    conv = nn.Conv3d(2, 4, kernel_size=3, padding=1)
+    # every one of the 4 x 8^3 outputs takes 2 x 27 multiply-accumulates; 2 FLOPs each (biases are not counted)
+    assert count_flops(conv, torch.randn(1, 2, 8, 8, 8)) == 2 * (4 * 8**3) * (2 * 27)
+    assert count_parameters(conv) == 4 * 2 * 27 + 4
+    linear = nn.Linear(10, 5)
+    assert count_flops(linear, torch.randn(3, 10)) == 2 * 3 * 10 * 5
+    assert count_parameters(linear) == 10 * 5 + 5
+    encoder = create_encoder("resenc", 2, channels=(4, 8, 16), blocks=(1, 1, 1))
+    assert count_parameters(encoder) == sum(p.numel() for p in encoder.parameters())
+    assert count_parameters(encoder) == sum(v.numel() for k, v in encoder.state_dict().items()
+                                            if "running" not in k and "num_batches" not in k)
+
+
+def test_variants_share_everything_but_the_heads():
+    specs = variant_specs(brats_model_spec(Config.load("tiny")))
+    assert {name: s.heads for name, s in specs.items()} == VARIANTS
+    multi = specs["multi"]
+    assert multi.regions == {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]} and list(multi.tasks) == ["grade"]
+    assert len(multi.detection["anchor_shapes"]) == 3 and multi.in_channels == 4
+    for spec in specs.values():
+        assert (spec.encoder, spec.encoder_kwargs, spec.detection) == (multi.encoder, multi.encoder_kwargs,
+                                                                       multi.detection)
+    # the encoder runs once in the multi-task model: its FLOPs are the three single-task models' minus two encoders
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 32, 32, 32)
+    models = {name: MultiTaskModel(s).eval() for name, s in specs.items()}
+    flops = {name: count_flops(m, x) for name, m in models.items()}
+    encoder = count_flops(models["multi"].encoder, x)
+    assert flops["multi"] == flops["seg"] + flops["det"] + flops["cls"] - 2 * encoder
+    params = {name: count_parameters(m) for name, m in models.items()}
+    assert params["multi"] == params["seg"] + params["det"] + params["cls"] - 2 * count_parameters(
+        models["multi"].encoder)
+
+
+def test_report_holds_every_row(tmp_path):
+    report = run_benchmark(Config.load("tiny"), tmp_path, config_name="tiny", warmup=0, repeats=1, memory=False,
+                           progress=False)
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["input_size"] == [32, 32, 32] and set(saved["models"]) == set(VARIANTS)
+    for m in saved["models"].values():
+        assert m["params"] > 0 and m["flops"] == 2 * m["macs"] and m["latency_ms"]["cpu"]["median"] > 0
+    ratio, total = saved["ratio_multi_over_sum"], saved["single_task_sum"]
+    assert total["params"] == sum(saved["models"][n]["params"] for n in ("seg", "det", "cls"))
+    assert 0 < ratio["params"] < 1 and 0 < ratio["flops"] < 1 and ratio["latency"]["cpu"] > 0
+    table = (tmp_path / "benchmark.md").read_text()
+    assert table == format_markdown(report)
+    assert all(row in table for row in ROWS) and "GFLOPs" in table and "CPU latency" in table
+
+
+def test_swin_encoder_override_and_input_size_check():
+    config = Config.load("tiny", {"model.encoder_kwargs": {"embed_dim": 12}})
+    config.model.encoder = "swin"  # keep the small embed_dim: --encoder would drop the config's kwargs
+    spec = brats_model_spec(config)
+    result = measure_model(spec, (64, 32, 32), warmup=0, repeats=1, memory=False)
+    assert result["params"] > 0 and result["flops"] > 0
+    with pytest.raises(ValueError, match="multiples"):
+        measure_model(spec, (64, 32, 40), warmup=0, repeats=1, memory=False)
+    with pytest.raises(ValueError, match="deepest map"):
+        measure_model(spec, (32, 32, 32), warmup=0, repeats=1, memory=False)
+    assert brats_model_spec(Config.load("tiny"), encoder="swin").encoder_kwargs == {}
+
+
+def test_cpu_memory_in_a_child_process():
+    spec = variant_specs(brats_model_spec(Config.load("tiny")))["cls"]
+    memory = measure_cpu_memory(spec, (64, 32, 32), threads=1)
+    assert memory["peak_reset"] and memory["forward_peak_mib"] > 0
+    assert memory["process_peak_mib"] > memory["rss_before_mib"]
+
+
+def test_cli_with_short_training(synth_dataset, tmp_path):
+    out = tmp_path / "bench"
+    code = main(["benchmark", "-c", "tiny", "-o", str(out), "--train", str(synth_dataset), "--minutes", "0.02",
+                 "--set", "training.epochs=1", "--warmup", "0", "--repeats", "1", "--no-memory", "--device", "cpu",
+                 "-q"])
+    assert code == 0
+    report = json.loads((out / "benchmark.json").read_text())
+    metrics = {name: m["training"]["metrics"] for name, m in report["models"].items()}
+    assert set(metrics["multi"]) == {"dice_WT", "dice_TC", "dice_ET", "AP@0.10", "AUC_grade"}
+    assert set(metrics["seg"]) == {"dice_WT", "dice_TC", "dice_ET"}
+    assert set(metrics["det"]) == {"AP@0.10"} and set(metrics["cls"]) == {"AUC_grade"}
+    for name in VARIANTS:
+        assert (out / "runs" / name / "model.json").is_file()
+    table = (out / "benchmark.md").read_text()
+    assert all(row in table for row in ROWS) and "dice_WT" in table and "AUC_grade" in table
+    assert main(["benchmark", "-c", "tiny", "-o", str(out), "--minutes", "1"]) == 2  # --minutes without --train
