@@ -99,6 +99,7 @@ class Trainer:
         self.main = self.rank == 0
         self.progress = progress and self.main
         self._t0 = time.monotonic()
+        self._clock = 0.0  # elapsed seconds as read off rank 0's clock at the last step (identical on all ranks)
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> None:
@@ -163,7 +164,7 @@ class Trainer:
                 return (step + 1) / warmup
             progress = (step - warmup) / max(1, total - warmup)
             if budget_s:
-                progress = max(progress, self._elapsed() / budget_s)
+                progress = max(progress, self._clock / budget_s)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -323,9 +324,11 @@ class Trainer:
         summary: dict[str, Any] = history[-1]["validation"] if history else {}
         self._t0 = time.monotonic() - elapsed
 
-        def out_of_time() -> bool:  # rank 0's clock decides for every rank, so all stop at the same step
+        def out_of_time() -> bool:
+            """Rank 0's clock decides for every rank, so all stop at the same step and share one LR schedule."""
+            self._clock = float(broadcast(self._elapsed(), self.world))
             budget = cfg.training.max_minutes * 60
-            return bool(broadcast(bool(budget) and self._elapsed() >= budget, self.world))
+            return bool(budget) and self._clock >= budget
 
         epoch = start_epoch - 1
         for epoch in range(start_epoch, cfg.training.epochs):
