@@ -1,8 +1,8 @@
 """A self-contained HTML report (images embedded as base64 PNG): metrics, training curves, and per-case views.
 
 Per case: one axial slice through the largest ground-truth lesion, each contrast with true (green) and predicted
-(red) whole-tumour contours, enhancing-tumour contours dashed, true (green, dashed) and predicted (red) boxes that
-cross the slice, and the class probabilities next to the true class.
+(red) whole-tumour contours, enhancing-tumour contours dashed, true (green, dashed) and predicted (red, score >= 0.5)
+boxes that cross the slice, and the class probabilities next to the true class.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from medtriad.inference.predictor import Prediction  # noqa: E402
 from medtriad.io import atomic_write_text  # noqa: E402
+
+BOX_SCORE = 0.5  # predicted boxes drawn in the case views (the per-case TP/FP/FN counts use the same threshold)
 
 
 @dataclass
@@ -81,9 +83,10 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
                 region = np.isin(volume[:, :, z], list(values)).T.astype(float)
                 if region.any():
                     ax.contour(region, levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
+        confident = view.prediction.scores >= BOX_SCORE
         for boxes, scores, colour, style in (
                 (view.true_boxes, None, "lime", "--"),
-                (view.prediction.boxes_voxel, view.prediction.scores, "red", "-")):
+                (view.prediction.boxes_voxel[confident], view.prediction.scores[confident], "red", "-")):
             if boxes is None:
                 continue
             for i, b in enumerate(np.asarray(boxes).reshape(-1, 6)):
@@ -93,7 +96,7 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
                     if scores is not None:
                         ax.text(b[0], b[4] + 1, f"{scores[i]:.2f}", color=colour, fontsize=7)
     fig.suptitle(f"{view.case_id}, axial slice {z}  (green: truth, red: prediction; dashed contour: "
-                 f"{names[-1]})", fontsize=9)
+                 f"{names[-1]}; boxes scoring >= {BOX_SCORE})", fontsize=9)
     return _png(fig)
 
 
