@@ -135,10 +135,7 @@ class DatasetSpec:
         path = root / "dataset.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no dataset.json (is {root} a medtriad/nnU-Net dataset folder?)")
-        try:
-            content = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        content = _read_json(path)
         if not isinstance(content, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
 
@@ -214,6 +211,14 @@ class DatasetSpec:
     def save(self) -> None:
         """Write ``root/dataset.json`` atomically."""
         write_json(self.root / "dataset.json", self.to_json())
+
+
+def _read_json(path: Path) -> Any:
+    """Parse a JSON file; invalid content raises ValueError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def _six_floats(values: Any, what: str) -> tuple[float, ...]:
@@ -393,10 +398,7 @@ def write_classes_csv(path: str | os.PathLike, spec: DatasetSpec, classes: dict[
 def read_boxes_json(path: str | os.PathLike) -> dict[str, list[Box]]:
     """Read boxes.json: {case: [Box, ...]}; ValueError naming the file, case and box index."""
     path = Path(path)
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    content = _read_json(path)
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected an object {{case: [boxes]}}, got {type(content).__name__}")
     result = {}
