@@ -6,7 +6,6 @@ held-out fold, predicts one case to files, and writes one self-contained HTML re
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from medtriad.data.synth import generate_dataset
 from medtriad.data.transforms import load_sample, read_channels
 from medtriad.evaluation.evaluate import evaluate_samples, write_results
 from medtriad.evaluation.report import CaseView, write_report
+from medtriad.evaluation.run import split_cases
 from medtriad.inference.predictor import Predictor
 from medtriad.inference.writers import write_prediction
 from medtriad.training.trainer import train
@@ -43,8 +43,8 @@ def run_demo(out: str | Path = "medtriad-demo", minutes: float | None = None, qu
 
     predictor = Predictor.from_pretrained(run)
     spec, cases = load_dataset(data)
-    val_ids = set(json.loads((run / "split.json").read_text())["val"])
-    val_cases = [c for c in cases if c.case_id in val_ids]
+    val_cases = split_cases(run, cases, "val")
+    val_ids = {c.case_id for c in val_cases}
     samples = [load_sample(c, spec, predictor.spec.spacing) for c in val_cases]
     rows, summary, predictions = evaluate_samples(predictor, samples, progress=progress, keep_predictions=True)
     write_results(run / "evaluation_val", rows, summary)

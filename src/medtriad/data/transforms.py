@@ -34,7 +34,7 @@ from monai.transforms import (
     RandZoomd,
 )
 
-from medtriad.data.boxes import boxes_from_mask, instances_from_boxes, instances_from_mask
+from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask
 from medtriad.data.layout import Case, DatasetSpec
 from medtriad.io import CaseFileError, load_nifti
 
@@ -179,6 +179,7 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     sample = Sample(case.case_id, image, mask, geometry, classes=dict(case.classes))
     if not with_targets:
         return sample
+    instances = None  # lesion instances on the input grid, from the label map
     if case.label_file is not None:
         label, label_affine = load_nifti(case.label_file, case.case_id)
         if label.shape != geometry.shape:
@@ -204,10 +205,8 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
         if sample.instances is None:
             instances = instances_from_boxes(geometry.shape, sample.boxes)
             sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape, "nearest")[0]
-    elif sample.label is not None and spec.detection_region:
-        region = np.isin(sample.label, list(spec.regions[spec.detection_region]))
-        found = boxes_from_mask(region, affine, spec.min_box_volume_mm3)
-        sample.boxes = np.array([b.voxel for b in found], dtype=np.float32).reshape(-1, 6)
+    elif instances is not None:  # no boxes file: the boxes of the same components (as boxes_from_mask gives them)
+        sample.boxes = boxes_from_instances(instances)
     return sample
 
 

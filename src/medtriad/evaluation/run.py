@@ -8,10 +8,26 @@ from typing import Any
 
 from tqdm import tqdm
 
-from medtriad.data.layout import load_dataset
+from medtriad.data.layout import Case, load_dataset
 from medtriad.data.transforms import load_sample
 from medtriad.evaluation.evaluate import evaluate_samples, write_results
 from medtriad.inference.predictor import Predictor
+
+
+def split_cases(run: Path, cases: list[Case], split: str) -> list[Case]:
+    """The cases of ``split``: ``"val"`` = the validation cases in the run's ``split.json``, ``"all"`` = all."""
+    if split == "all":
+        return cases
+    if split != "val":
+        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    split_file = run / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file} not found: --split val needs the run's split (or use --split all)")
+    wanted = set(json.loads(split_file.read_text())["val"])
+    missing = wanted - {c.case_id for c in cases}
+    if missing:
+        raise ValueError(f"validation cases {sorted(missing)} of {split_file} are not in this dataset")
+    return [c for c in cases if c.case_id in wanted]
 
 
 def evaluate_run(run: Path, dataset: Path, split: str = "val", device: str | None = None,
@@ -24,17 +40,7 @@ def evaluate_run(run: Path, dataset: Path, split: str = "val", device: str | Non
     """
     predictor = Predictor.from_pretrained(run, device=device, checkpoint=checkpoint)
     spec, cases = load_dataset(dataset)
-    if split == "val":
-        split_file = run / "split.json"
-        if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} not found: --split val needs the run's split (or use --split all)")
-        wanted = set(json.loads(split_file.read_text())["val"])
-        missing = wanted - {c.case_id for c in cases}
-        if missing:
-            raise ValueError(f"validation cases {sorted(missing)} of {split_file} are not in {dataset}")
-        cases = [c for c in cases if c.case_id in wanted]
-    elif split != "all":
-        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    cases = split_cases(run, cases, split)
     samples = (load_sample(c, spec, predictor.spec.spacing)
                for c in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress))
     rows, summary, _ = evaluate_samples(predictor, samples)
