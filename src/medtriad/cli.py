@@ -1,9 +1,11 @@
 """``medtriad``: one entry point; each subcommand is a thin wrapper over the modules that do the work.
 
     medtriad import brats SRC OUT        BraTS 2018 / 2021+ release -> dataset layout
+    medtriad import medmnist NPZ OUT     MedMNIST 3D .npz -> dataset layout with its official splits
+    medtriad findings DATASET            add the multi-label BraTS findings task (from the label maps)
     medtriad check DATASET               integrity check, every problem named with case and file
     medtriad train DATASET -c CONFIG -o RUN [--fold K] [--resume]
-    medtriad evaluate RUN DATASET [--split val|all]
+    medtriad evaluate RUN DATASET [--split val|all|test]
     medtriad predict -m RUN -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
     medtriad demo [--out DIR] [--minutes M] [--quick]
@@ -28,6 +30,25 @@ def _cmd_import(args: argparse.Namespace) -> int:
     out = import_brats(Path(args.src), Path(args.out), min_box_volume_mm3=args.min_box_volume,
                        progress=not args.quiet)
     print(f"dataset written to {out}")
+    return 0
+
+
+def _cmd_import_medmnist(args: argparse.Namespace) -> int:
+    from medtriad.data.medmnist import import_medmnist
+
+    out = import_medmnist(Path(args.npz), Path(args.out), task=args.task, channel_name=args.channel_name,
+                          progress=not args.quiet)
+    print(f"dataset written to {out} (official splits in {out / 'splits.json'})")
+    return 0
+
+
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from medtriad.data.findings import FINDINGS, add_findings_task
+
+    findings = add_findings_task(Path(args.dataset), task=args.task, min_component_mm3=args.min_component)
+    counts = [sum(v[i] for v in findings.values()) for i in range(len(FINDINGS))]
+    print(f"task {args.task!r} added for {len(findings)} case(s); positives: "
+          + ", ".join(f"{name} {n}" for name, n in zip(FINDINGS, counts)))
     return 0
 
 
@@ -94,7 +115,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     failures = predict_folder(args.model, [Path(p) for p in args.input], Path(args.output), device=args.device,
                               num_parts=args.num_parts, part_id=args.part_id, overwrite=args.overwrite,
-                              progress=not args.quiet)
+                              progress=not args.quiet, heatmaps=args.heatmaps)
     if failures:
         print(f"{len(failures)} case(s) failed:", file=sys.stderr)
         for case_id, reason in failures:
@@ -140,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out")
     b.add_argument("--min-box-volume", type=float, default=100.0, help="smallest lesion (mm^3) that gets a box")
     b.set_defaults(func=_cmd_import)
+    m = fmt.add_parser("medmnist", help="a MedMNIST 3D .npz (e.g. adrenalmnist3d.npz) with its train/val/test split")
+    m.add_argument("npz")
+    m.add_argument("out")
+    m.add_argument("--task", default="label", help="name of the classification task")
+    m.add_argument("--channel-name", default="CT", help="the channel's name in dataset.json")
+    m.set_defaults(func=_cmd_import_medmnist)
+
+    p = sub.add_parser("findings", help="add the multi-label findings task (necrosis, enhancement, multifocal, "
+                       "midline crossing, large oedema) derived from a BraTS dataset's label maps")
+    p.add_argument("dataset")
+    p.add_argument("--task", default="findings")
+    p.add_argument("--min-component", type=float, default=100.0, help="smallest component (mm^3) for multifocal")
+    p.set_defaults(func=_cmd_findings)
 
     p = sub.add_parser("check", help="verify every case of a dataset")
     p.add_argument("dataset")
@@ -158,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset")
     p.add_argument("run")
     p.add_argument("dataset")
-    p.add_argument("--split", choices=["val", "all"], default="val")
+    p.add_argument("--split", default="val", help="val: the run's validation cases; all: every case; test (or any "
+                   "name in the dataset's splits.json): that official split")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: the epoch with the best validation score; last: the final weights")
     p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json (default "
@@ -175,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-parts", type=int, default=1, help="shard the cases over N processes or machines")
     p.add_argument("--part-id", type=int, default=0, help="which shard this process runs (0-based)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    p.add_argument("--heatmaps", action="store_true", help="slice2d plugin models: also write each task's attention "
+                   "heatmap (CASE_heatmap_TASK.nii.gz, input geometry)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> predict -> HTML report")
@@ -206,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
-    for leaf in (b, *(sub.choices[name] for name in sub.choices if name != "import")):
+    for leaf in (b, m, *(sub.choices[name] for name in sub.choices if name != "import")):
         leaf.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 

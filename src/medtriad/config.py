@@ -27,12 +27,15 @@ class DataConfig:
         patch_size: training patch in voxels of the target grid; must be a multiple of the encoder's size_divisible.
         foreground_ratio: share of patches centred on tumour (label > 0); the rest are centred anywhere.
         min_patch_box_voxels: a box cut by the patch border is kept while at least this many of its voxels remain.
+        normalization: per-channel intensity normalisation, ``nonzero`` (z-score on non-zero voxels: skull-stripped
+            MRI), ``all`` (z-score on all voxels) or ``none``.
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
     patch_size: tuple[int, int, int] = (64, 64, 64)
     foreground_ratio: float = 0.67
     min_patch_box_voxels: int = 8
+    normalization: str = "nonzero"
 
 
 @dataclass
@@ -46,6 +49,10 @@ class ModelConfig:
         segmentation: segmentation head settings (``decoder_channels``: one width per decoder level, fine to coarse).
         detection: detection head settings (anchor shapes are derived from the training boxes when absent).
         classification_hidden: width of the attention-pooling MLP.
+        plugin: encoder ``slice2d`` only (AnyMC3D): settings of every task's plugin, the fields of
+            medtriad.models.anymc3d.PluginConfig (adapter lora|molre|none, rank, alpha, experts, views, query_dim,
+            targets) plus ``aux: true`` for the auxiliary pixel decoder on cases with masks.
+        plugin_tasks: task -> settings that differ from ``plugin`` for that task (e.g. {findings: {adapter: molre}}).
     """
 
     encoder: str = "resenc"
@@ -54,6 +61,8 @@ class ModelConfig:
     segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
+    plugin: dict[str, Any] = field(default_factory=dict)
+    plugin_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

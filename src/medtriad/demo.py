@@ -45,7 +45,7 @@ def run_demo(out: str | Path = "medtriad-demo", minutes: float | None = None, qu
     spec, cases = load_dataset(data)
     val_cases = split_cases(run, cases, "val")
     val_ids = {c.case_id for c in val_cases}
-    samples = [load_sample(c, spec, predictor.spec.spacing) for c in val_cases]
+    samples = [load_sample(c, spec, predictor.spec.spacing, normalization=predictor.spec.normalization) for c in val_cases]
     rows, summary, predictions = evaluate_samples(predictor, samples, progress=progress, keep_predictions=True)
     write_results(run / "evaluation_val", rows, summary)
     write_prediction(out / "prediction", predictions[0], predictor.spec.heads)

@@ -33,6 +33,7 @@ __all__ = [
     "Case",
     "ClassValue",
     "load_dataset",
+    "read_splits",
     "read_classes_csv",
     "write_classes_csv",
     "read_boxes_json",
@@ -314,6 +315,36 @@ def load_dataset(root: str | os.PathLike) -> tuple[DatasetSpec, list[Case]]:
             )
         )
     return spec, cases
+
+
+def read_splits(root: str | os.PathLike, case_ids: list[str] | None = None) -> dict[str, list[str]] | None:
+    """The dataset's predefined splits (``splits.json``: {"train": [...], "val": [...], "test": [...]}) or None.
+
+    A dataset with official splits (MedMNIST, challenge releases) ships them in ``splits.json``; training then uses
+    "train" and selects on "val" instead of k-fold cross-validation, and "test" is only scored by
+    ``medtriad evaluate --split test``. Raises ValueError naming the file for a malformed file, a case in two splits,
+    or (with ``case_ids``) a listed case without images.
+    """
+    path = Path(root) / "splits.json"
+    if not path.is_file():
+        return None
+    raw = _read_json(path)
+    if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
+                                            for v in raw.values()):
+        raise ValueError(f"{path}: expected {{split name: [case ids]}}")
+    if "train" not in raw or "val" not in raw:
+        raise ValueError(f"{path}: needs at least a 'train' and a 'val' split, has {sorted(raw)}")
+    seen: dict[str, str] = {}
+    for name, ids in raw.items():
+        for case_id in ids:
+            if case_id in seen:
+                raise ValueError(f"{path}: case {case_id!r} is in both {seen[case_id]!r} and {name!r}")
+            seen[case_id] = name
+    if case_ids is not None:
+        missing = sorted(set(seen) - set(case_ids))
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} listed case(s) have no images, e.g. {missing[:3]}")
+    return {name: sorted(ids) for name, ids in raw.items()}
 
 
 def _columns(spec: DatasetSpec) -> dict[str, tuple[str, str | None]]:

@@ -2,7 +2,7 @@
 
 Preprocessing (:func:`load_sample`, :func:`preprocess_images`): channels are read with nibabel, reoriented to the
 closest canonical (RAS) axes, resampled to the model's spacing, and z-scored per channel on foreground (non-zero)
-voxels. Missing channels arrive zero-filled (zero is the mean after z-scoring) with ``channel_mask`` False.
+voxels (or as ``normalization`` says). Missing channels arrive zero-filled (zero is the mean after z-scoring) with ``channel_mask`` False.
 Every step is recorded in :class:`Geometry`, which maps model-grid outputs back onto the input file's own grid:
 masks land on the same voxels, boxes come out in input voxel and world (mm) coordinates.
 
@@ -98,9 +98,22 @@ def resample(array: np.ndarray | torch.Tensor, size: Sequence[int], mode: str) -
     return out if mode == "trilinear" else out.to(dtype)
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """Per-channel z-score over non-zero (foreground) voxels, as nnU-Net does for skull-stripped MRI."""
-    return NormalizeIntensity(nonzero=True, channel_wise=True)(image).as_tensor().float()
+NORMALIZATIONS = ("nonzero", "all", "none")
+
+
+def normalize(image: torch.Tensor, mode: str = "nonzero") -> torch.Tensor:
+    """Per-channel intensity normalisation.
+
+    ``"nonzero"``: z-score over non-zero (foreground) voxels, background left at 0, as nnU-Net does for skull-stripped
+    MRI; ``"all"``: z-score over all voxels (images whose non-zero voxels share one value, e.g. MedMNIST's shape
+    masks, where a foreground z-score would erase everything); ``"none"``: unchanged.
+    """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+    image = image.float().clone()  # MONAI's transform works in place; the caller's tensor stays as it was
+    if mode == "none":
+        return image
+    return NormalizeIntensity(nonzero=mode == "nonzero", channel_wise=True)(image).as_tensor().float()
 
 
 @dataclass
@@ -127,8 +140,9 @@ class Sample:
 
 
 def preprocess_images(channels: Sequence[np.ndarray | None], affine: np.ndarray, spacing: Sequence[float],
-                      case_id: str = "?") -> tuple[torch.Tensor, torch.Tensor, Geometry]:
-    """Channel arrays on one grid (None = missing) -> (image (C, ...), channel_mask (C,), geometry)."""
+                      case_id: str = "?", normalization: str = "nonzero") -> tuple[torch.Tensor, torch.Tensor, Geometry]:
+    """Channel arrays on one grid (None = missing) -> (image (C, ...), channel_mask (C,), geometry);
+    ``normalization`` as in :func:`normalize`."""
     present = [c for c in channels if c is not None]
     if not present:
         raise CaseFileError(case_id, "(no channel file)", "no image channel present")
@@ -140,7 +154,7 @@ def preprocess_images(channels: Sequence[np.ndarray | None], affine: np.ndarray,
             stack[i] = c
     image = resample(geometry.to_canonical(stack), geometry.model_shape, "trilinear")
     mask = torch.tensor([c is not None for c in channels])
-    return normalize(image) * mask[:, None, None, None], mask, geometry
+    return normalize(image, normalization) * mask[:, None, None, None], mask, geometry
 
 
 def read_channels(files: Mapping[int, Path | None], case_id: str) -> tuple[list[np.ndarray | None], np.ndarray]:
@@ -172,10 +186,11 @@ def regions_from_label(label: np.ndarray, regions: Mapping[str, Sequence[int]]) 
     return np.stack([np.isin(label, list(values)) for values in regions.values()]).astype(np.uint8)
 
 
-def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_targets: bool = True) -> Sample:
+def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_targets: bool = True,
+                normalization: str = "nonzero") -> Sample:
     """Read and preprocess one case of a dataset (images, and targets when ``with_targets``)."""
     channels, affine = read_channels(case.image_files, case.case_id)
-    image, mask, geometry = preprocess_images(channels, affine, spacing, case.case_id)
+    image, mask, geometry = preprocess_images(channels, affine, spacing, case.case_id, normalization)
     sample = Sample(case.case_id, image, mask, geometry, classes=dict(case.classes))
     if not with_targets:
         return sample

@@ -8,18 +8,24 @@ from typing import Any
 
 from tqdm import tqdm
 
-from medtriad.data.layout import Case, load_dataset
+from medtriad.data.layout import Case, load_dataset, read_splits
 from medtriad.data.transforms import load_sample
 from medtriad.evaluation.evaluate import evaluate_samples, write_results
 from medtriad.inference.predictor import Predictor
 
 
-def split_cases(run: Path, cases: list[Case], split: str) -> list[Case]:
-    """The cases of ``split``: ``"val"`` = the validation cases in the run's ``split.json``, ``"all"`` = all."""
+def split_cases(run: Path, cases: list[Case], split: str, dataset: Path | None = None) -> list[Case]:
+    """The cases of ``split``: ``"val"`` = the validation cases in the run's ``split.json``, ``"all"`` = all, any
+    other name (``"test"``) = that split of the dataset's own ``splits.json``."""
     if split == "all":
         return cases
     if split != "val":
-        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+        splits = read_splits(dataset, [c.case_id for c in cases]) if dataset is not None else None
+        if splits is None or split not in splits:
+            raise ValueError(f"split {split!r}: use 'val', 'all' or a split of the dataset's splits.json "
+                             f"({sorted(splits) if splits else 'none here'})")
+        wanted = set(splits[split])
+        return [c for c in cases if c.case_id in wanted]
     split_file = run / "split.json"
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file} not found: --split val needs the run's split (or use --split all)")
@@ -36,12 +42,12 @@ def evaluate_run(run: Path, dataset: Path, split: str = "val", device: str | Non
     """Write ``per_case.csv`` and ``summary.json`` to ``output`` (default ``RUN/evaluation_<split>``).
 
     ``split="val"`` takes the validation cases recorded in the run's ``split.json``; ``"all"`` every case of
-    ``dataset`` (for an external test set).
+    ``dataset`` (for an external test set); another name, that split of the dataset's ``splits.json`` (``"test"``).
     """
     predictor = Predictor.from_pretrained(run, device=device, checkpoint=checkpoint)
     spec, cases = load_dataset(dataset)
-    cases = split_cases(run, cases, split)
-    samples = (load_sample(c, spec, predictor.spec.spacing)
+    cases = split_cases(run, cases, split, Path(dataset))
+    samples = (load_sample(c, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)
                for c in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress))
     rows, summary, _ = evaluate_samples(predictor, samples)
     out = Path(output) if output else run / f"evaluation_{split}"

@@ -14,6 +14,7 @@ the label whose region memberships are most probable; boxes come out in input vo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from medtriad.config import Config, InferenceConfig
 from medtriad.data.boxes import voxel_box_to_world, world_box_to_voxel
 from medtriad.data.transforms import Geometry, Sample, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
-from medtriad.models.multitask import ModelSpec, MultiTaskModel
+from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -56,6 +57,7 @@ class Prediction:
     boxes_world: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (X, Y, Z) in [0, 1], slice2d models
 
 
 @dataclass
@@ -66,10 +68,11 @@ class GridOutput:
     boxes: torch.Tensor  # (N, 6)
     scores: torch.Tensor  # (N,)
     class_probs: dict[str, torch.Tensor]  # task -> (n,)
+    heatmaps: dict[str, torch.Tensor] = field(default_factory=dict)  # task -> (X, Y, Z)
 
 
 class Predictor:
-    """Runs a trained :class:`MultiTaskModel` on scans.
+    """Runs a trained :class:`MultiTaskModel` (or slice-plugin model, medtriad.models.anymc3d) on scans.
 
     Example::
 
@@ -77,14 +80,17 @@ class Predictor:
         result = predictor.predict(["case_0000.nii.gz", "case_0001.nii.gz", "case_0002.nii.gz", "case_0003.nii.gz"])
     """
 
-    def __init__(self, model: MultiTaskModel, inference: InferenceConfig | None = None, device: str | None = None):
+    def __init__(self, model: torch.nn.Module, inference: InferenceConfig | None = None, device: str | None = None,
+                 heatmaps: bool = False):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
+        self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (one more pass per task)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best") -> "Predictor":
+    def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best",
+                        heatmaps: bool = False) -> "Predictor":
         """Load from a run folder (``model.json``, ``config.yaml``, ``checkpoints/<checkpoint>``) or a checkpoint folder
         that holds its own ``model.json``."""
         path = Path(path)
@@ -97,15 +103,50 @@ class Predictor:
             raise FileNotFoundError(f"no model.json in {path}: expected a run folder or a checkpoint folder")
         spec = ModelSpec.load(spec_file)
         config = Config.load(run / "config.yaml") if (run / "config.yaml").is_file() else Config()
-        model = MultiTaskModel(spec)
-        weights = load_weights(resolve_checkpoint(folder))
-        model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("balancer.")})
-        return cls(model, config.inference, device)
+        model = build_model(spec, run)
+        load_model_weights(model, load_weights(resolve_checkpoint(folder)))
+        return cls(model, config.inference, device, heatmaps)
+
+    @classmethod
+    def from_plugins(cls, backbone: str | Path, plugins: Sequence[str | Path], device: str | None = None,
+                     inference: InferenceConfig | None = None) -> "Predictor":
+        """Several tasks' plugins (``RUN/plugins/<task>.safetensors`` of slice2d runs) on ONE copy of their frozen
+        backbone (a Hugging Face folder or state dict): one model predicting every task.
+
+        The plugins must share the backbone, slicing, spacing, normalisation and channels they were trained with.
+        """
+        from medtriad.models.anymc3d import PluginModel, load_plugin, read_plugin_metadata
+        from medtriad.models.encoders.slice2d import Slice2DEncoder
+
+        if not plugins:
+            raise ValueError("from_plugins needs at least one plugin file")
+        metas = [read_plugin_metadata(p)["extra"] for p in plugins]
+        if any(not m.get("task") for m in metas):
+            raise ValueError("plugin files written by save_plugin without run metadata cannot be predicted from; "
+                             "use the plugins/ files of a training run")
+        first = metas[0]
+        for path, meta in zip(plugins, metas):
+            for key in ("spacing", "normalization", "channel_names", "encoder_kwargs"):
+                if meta[key] != first[key]:
+                    raise ValueError(f"{path}: {key} {meta[key]} differs from {first[key]} of {plugins[0]}")
+        encoder = Slice2DEncoder(len(first["channel_names"]), weights=backbone, **first["encoder_kwargs"])
+        loaded = [load_plugin(p, encoder) for p in plugins]
+        tasks = {plugin.config.task: meta["task"] for plugin, meta in zip(loaded, metas)}
+        if len(tasks) != len(loaded):
+            raise ValueError(f"two plugin files serve the same task: {[p.config.task for p in loaded]}")
+        spec = ModelSpec(encoder="slice2d", in_channels=len(first["channel_names"]),
+                         channel_names=list(first["channel_names"]), heads=["classification"],
+                         spacing=list(first["spacing"]), normalization=first["normalization"],
+                         encoder_kwargs={"weights": str(backbone), **first["encoder_kwargs"]}, tasks=tasks,
+                         plugins={p.config.task: dataclasses.asdict(p.config) for p in loaded})
+        return cls(PluginModel(encoder, {p.config.task: p for p in loaded}, spec), inference, device)
 
     # ------------------------------------------------------------------ model grid
     @torch.no_grad()
     def predict_grid(self, image: torch.Tensor) -> GridOutput:
         """(C, X, Y, Z) normalised image on the model grid -> raw outputs on that grid."""
+        if not isinstance(self.model, MultiTaskModel):
+            return self._predict_plugins(image)
         heads = self.model.heads
         div = self.model.size_divisible
         shape = tuple(image.shape[1:])
@@ -154,20 +195,39 @@ class Predictor:
             head: ClassificationHead = heads["classification"]
             for task, parts in tokens.items():
                 pooled = head.pool(torch.cat([s for s, _ in parts], 1), torch.cat([v for _, v in parts], 1))
-                logits = head.decode(task, pooled)[0]
-                kind = self.spec.tasks[task]["kind"]
-                out.class_probs[task] = (torch.softmax(logits, -1) if kind == "multiclass"
-                                         else torch.sigmoid(logits)).cpu()
+                out.class_probs[task] = self._class_probs(task, head.decode(task, pooled)[0])
+        return out
+
+    def _class_probs(self, task: str, logits: torch.Tensor) -> torch.Tensor:
+        kind = self.spec.tasks[task]["kind"]
+        return (torch.softmax(logits, -1) if kind == "multiclass" else torch.sigmoid(logits)).cpu()
+
+    def _predict_plugins(self, image: torch.Tensor) -> GridOutput:
+        """A slice-plugin model (encoder "slice2d") reads the whole volume: one pass per slice and view, every task's
+        slice pooling over all slices (sliding windows would split the slice stack the pooling attends over)."""
+        div = self.model.size_divisible
+        shape = tuple(image.shape[1:])
+        padded = tuple(int(np.ceil(s / div) * div) for s in shape)
+        x = torch.zeros((1, image.shape[0], *padded), device=self.device)
+        x[0, :, : shape[0], : shape[1], : shape[2]] = image.to(self.device)
+        logits = self.model(x, aux=False)["logits"]
+        out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
+        out.class_probs = {task: self._class_probs(task, v[0]) for task, v in logits.items()}
+        if self.heatmaps:
+            out.heatmaps = {task: self.model.heatmap(x, task)[0, : shape[0], : shape[1], : shape[2]].cpu()
+                            for task in logits}
         return out
 
     # ------------------------------------------------------------------ input grid
     def to_input_grid(self, case_id: str, geometry: Geometry, grid: GridOutput) -> Prediction:
         """Map raw model-grid outputs back onto the input scan's grid and conventions."""
         pred = Prediction(case_id, geometry)
+        canon_shape = geometry.to_canonical(np.empty(geometry.shape, dtype=np.uint8)).shape
         if grid.region_probs is not None:
-            canon_shape = geometry.to_canonical(np.empty(geometry.shape, dtype=np.uint8)).shape
             probs = geometry.from_canonical(resample(grid.region_probs, canon_shape, "trilinear").numpy())
             pred.mask = decode_labels(probs, self.spec.regions, self.spec.labels)
+        for task, heatmap in grid.heatmaps.items():
+            pred.heatmaps[task] = geometry.from_canonical(resample(heatmap[None], canon_shape, "trilinear").numpy())[0]
         keep = grid.scores >= self.inference.score_threshold
         world = [voxel_box_to_world(b, geometry.model_affine) for b in grid.boxes[keep].numpy()]
         pred.boxes_world = np.array(world, dtype=np.float32).reshape(-1, 6)
@@ -201,7 +261,8 @@ class Predictor:
                                  f"({', '.join(self.spec.channel_names)}), got {len(images)}")
             channels, affine = read_channels({i: None if p is None else Path(p) for i, p in enumerate(images)},
                                              case_id)
-        image, _, geometry = preprocess_images(channels, affine, self.spec.spacing, case_id)
+        image, _, geometry = preprocess_images(channels, affine, self.spec.spacing, case_id,
+                                                    self.spec.normalization)
         return self.to_input_grid(case_id, geometry, self.predict_grid(image))
 
 

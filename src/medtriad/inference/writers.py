@@ -5,12 +5,15 @@ Per case (all written atomically: a crash never leaves a half-written file):
     CASE_seg.nii.gz     label map, same shape / affine / orientation as the input channels
     CASE_boxes.json     [{"voxel": [x0,y0,z0,x1,y1,z1], "world": [...], "score": s, "label": 0}, ...]
     CASE_class.json     {task: {class or label: probability}}
+    CASE_heatmap_TASK.nii.gz   slice2d models with heatmaps on: where the task looked, float in [0, 1], input geometry
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medtriad.inference.predictor import Prediction
 from medtriad.io import save_nifti, write_json
@@ -42,4 +45,8 @@ def write_prediction(folder: str | Path, prediction: Prediction, heads: list[str
     if "classification" in heads:
         write_json(files["class"], prediction.probabilities)
         written["class"] = files["class"]
+    for task, heatmap in prediction.heatmaps.items():
+        path = Path(folder) / f"{prediction.case_id}_heatmap_{task}.nii.gz"
+        save_nifti(path, heatmap.astype(np.float32), prediction.geometry.affine, reference_header)
+        written[f"heatmap_{task}"] = path
     return written

@@ -46,6 +46,8 @@ __all__ = [
     "PluginModel",
     "save_plugin",
     "load_plugin",
+    "read_plugin_metadata",
+    "build_plugin_model",
     "aux_segmentation_loss",
     "write_heatmap",
 ]
@@ -189,13 +191,30 @@ class PluginModel(nn.Module):
     and "attention": {task: {view: (B, S, h, w)}}. ``backbone_passes`` counts the slice passes of the latest call.
     """
 
-    def __init__(self, encoder: Slice2DEncoder, plugins: Mapping[str, Plugin] | None = None):
+    def __init__(self, encoder: Slice2DEncoder, plugins: Mapping[str, Plugin] | None = None, spec: Any = None):
         super().__init__()
         self.encoder = encoder
         self.plugins = nn.ModuleDict()
         for plugin in (plugins or {}).values():
             self.add_plugin(plugin)
         self.backbone_passes = 0
+        self.spec = spec  # the ModelSpec when built from a run (medtriad.models.multitask.build_model)
+
+    @property
+    def size_divisible(self) -> int:
+        return self.encoder.size_divisible
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything but the frozen backbone: what a run's checkpoints hold."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load :meth:`trainable_state_dict` output; every plugin tensor must be there, and no backbone tensor."""
+        own = set(self.trainable_state_dict())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+        if missing or unexpected:
+            raise ValueError(f"plugin weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict(dict(state), strict=False)
 
     def add_plugin(self, plugin: Plugin) -> None:
         if plugin.backbone_signature != _signature(self.encoder):
@@ -252,6 +271,7 @@ class PluginModel(nn.Module):
             if aux and plugin.aux_decoder is not None:
                 tokens = first_patches.permute(0, 4, 1, 2, 3).movedim(2, 2 + first_axis)  # (B, D, X', Y', Z')
                 out["aux"][task] = plugin.aux_decoder(tokens, x.shape[2:])
+        out["classification"] = out["logits"]  # the key MultiTaskModel uses, so trainer and predictor read both
         return out
 
     @torch.no_grad()
@@ -303,10 +323,13 @@ def aux_segmentation_loss(logits: Tensor, masks: Tensor, has_mask: Tensor | Sequ
     return bce + dice.mean()
 
 
-def save_plugin(plugin: Plugin, path: str | os.PathLike, include_aux: bool = False) -> Path:
+def save_plugin(plugin: Plugin, path: str | os.PathLike, include_aux: bool = False,
+                extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``plugin`` alone to ``path`` (.safetensors): its tensors, and its config + backbone signature as metadata.
 
-    The auxiliary decoder is training-only and left out unless ``include_aux``.
+    The auxiliary decoder is training-only and left out unless ``include_aux``. ``extra`` (JSON-able) is stored too;
+    runs put there what a predictor needs besides the backbone (the task's kind and classes, spacing, normalisation,
+    channel names), see :func:`read_plugin_metadata`.
     """
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in plugin.state_dict().items()
@@ -314,7 +337,7 @@ def save_plugin(plugin: Plugin, path: str | os.PathLike, include_aux: bool = Fal
     config = dataclasses.asdict(plugin.config)
     if not include_aux:
         config["aux_channels"] = 0
-    meta = {"config": config, "backbone": plugin.backbone_signature}
+    meta = {"config": config, "backbone": plugin.backbone_signature, "extra": dict(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(temp), metadata={_METADATA_KEY: json.dumps(meta)})
@@ -322,8 +345,12 @@ def save_plugin(plugin: Plugin, path: str | os.PathLike, include_aux: bool = Fal
     return path
 
 
-def load_plugin(path: str | os.PathLike, encoder: Slice2DEncoder) -> Plugin:
-    """Rebuild a plugin saved by :func:`save_plugin` on ``encoder`` (the same ViT shape and slicing settings)."""
+def read_plugin_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A plugin file's metadata: {"config": PluginConfig fields, "backbone": signature, "extra": {...}}."""
+    return _read_plugin(path)[0]
+
+
+def _read_plugin(path: str | os.PathLike, tensors: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plugin file not found: {path}")
@@ -331,8 +358,14 @@ def load_plugin(path: str | os.PathLike, encoder: Slice2DEncoder) -> Plugin:
         raw = (f.metadata() or {}).get(_METADATA_KEY)
         if raw is None:
             raise ValueError(f"{path}: not a medtriad plugin (no {_METADATA_KEY!r} metadata)")
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    meta = json.loads(raw)
+        state = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}
+    return json.loads(raw), state
+
+
+def load_plugin(path: str | os.PathLike, encoder: Slice2DEncoder) -> Plugin:
+    """Rebuild a plugin saved by :func:`save_plugin` on ``encoder`` (the same ViT shape and slicing settings)."""
+    path = Path(path)
+    meta, state = _read_plugin(path, tensors=True)
     expected = json.loads(json.dumps(_signature(encoder)))  # tuples -> lists, as stored
     if meta["backbone"] != expected:
         raise ValueError(f"{path}: plugin was trained on backbone {meta['backbone']}, this one is {expected}")
@@ -340,3 +373,17 @@ def load_plugin(path: str | os.PathLike, encoder: Slice2DEncoder) -> Plugin:
     plugin.load_state_dict(state, strict=True)
     plugin.backbone_signature = _signature(encoder)
     return plugin
+
+
+def build_plugin_model(spec: Any, root: str | os.PathLike | None = None) -> PluginModel:
+    """The PluginModel a ModelSpec with encoder "slice2d" describes: the backbone from ``encoder_kwargs`` (a relative
+    ``weights`` path is taken relative to ``root``, the run folder) and one plugin per entry of ``spec.plugins``."""
+    kwargs = dict(spec.encoder_kwargs)
+    weights = kwargs.pop("weights", None)
+    if weights is not None and root is not None and not Path(weights).is_absolute():
+        weights = Path(root) / weights
+    encoder = Slice2DEncoder(spec.in_channels, weights=weights, **kwargs)
+    if not spec.plugins:
+        raise ValueError("a slice2d model needs at least one plugin (one per classification task)")
+    plugins = {task: Plugin(PluginConfig(**config), encoder) for task, config in spec.plugins.items()}
+    return PluginModel(encoder, plugins, spec)

@@ -39,6 +39,8 @@ class ModelSpec:
         segmentation: SegmentationHead keyword arguments (decoder channels).
         detection: DetectionHead keyword arguments (anchor shapes, strides, thresholds).
         spacing: the grid (mm) the model works on.
+        normalization: the intensity normalisation of its inputs (medtriad.data.transforms.normalize).
+        plugins: encoder "slice2d" only: task -> PluginConfig fields (medtriad.models.anymc3d), one plugin per task.
     """
 
     encoder: str
@@ -53,6 +55,8 @@ class ModelSpec:
     segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
+    normalization: str = "nonzero"
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         write_json(path, dataclasses.asdict(self))
@@ -119,3 +123,31 @@ class MultiTaskModel(nn.Module):
         if "detection" in self.heads and (det_targets is not None or not self.training):
             out["detection"] = self.heads["detection"](features, image_size, det_targets)
         return out
+
+
+def build_model(spec: ModelSpec, root: str | Path | None = None) -> nn.Module:
+    """The model a spec describes: a MultiTaskModel, or for encoder "slice2d" a PluginModel (a frozen 2D ViT read
+    slice by slice with one AnyMC3D plugin per classification task, medtriad.models.anymc3d). ``root`` is the run
+    folder, against which a relative backbone path is resolved."""
+    if spec.encoder == "slice2d":
+        from medtriad.models.anymc3d import build_plugin_model
+
+        return build_plugin_model(spec, root)
+    return MultiTaskModel(spec)
+
+
+def model_weights(model: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint stores of ``model``: all of a MultiTaskModel; a PluginModel's plugins, not its frozen
+    backbone (kept once, in its own file)."""
+    trainable = getattr(model, "trainable_state_dict", None)
+    return trainable() if trainable is not None else dict(model.state_dict())
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Inverse of :func:`model_weights`; entries of other owners (``balancer.``) are ignored."""
+    weights = {k: v for k, v in weights.items() if not k.startswith("balancer.")}
+    loader = getattr(model, "load_trainable_state_dict", None)
+    if loader is not None:
+        loader(weights)
+    else:
+        model.load_state_dict(weights)

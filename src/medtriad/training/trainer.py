@@ -10,6 +10,11 @@ Run folder::
     history.json         losses, loss weights and validation metrics per epoch
     progress.png         the same as curves, redrawn every epoch
     train.log            one line per epoch
+    backbone/            encoder slice2d with a randomly initialised ViT: the frozen backbone (HF format), once
+    plugins/<task>.safetensors   encoder slice2d: each task's plugin alone, from the best checkpoint
+
+Data split: a dataset with official splits (``splits.json``, e.g. MedMNIST) trains on "train" and selects on "val";
+otherwise a stratified k-fold split and ``--fold K``.
 
 Case-level classification while training on patches: the classification head pools attention over the tokens
 of whatever it sees. Training patches are tumour-centred with probability ``foreground_ratio``; the class loss is
@@ -21,9 +26,11 @@ whole volume (see medtriad.inference.predictor), so the tumour tokens the head l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +44,15 @@ from medtriad.checkpoint import load_state, load_weights, resolve_checkpoint, sa
 from medtriad.config import Config
 from medtriad.data.boxes import boxes_from_instances
 from medtriad.data.check import check_dataset, format_problems
-from medtriad.data.layout import Case, DatasetSpec, load_dataset
+from medtriad.data.layout import Case, DatasetSpec, load_dataset, read_splits
 from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
 from medtriad.evaluation.evaluate import score_case, summarize_scores
 from medtriad.inference.predictor import Predictor, pick_device
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
-from medtriad.models.multitask import ModelSpec, MultiTaskModel
+from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
+from medtriad.models.encoders.slice2d import save_hf_vit
+from medtriad.models.multitask import ModelSpec, build_model, load_model_weights, model_weights
 from medtriad.training.losses import ClassificationLoss, SegmentationLoss, build_balancer
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
@@ -83,7 +92,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains a MultiTaskModel on a dataset folder; see the module docstring for what lands in the run folder."""
+    """Trains the model the config describes (a MultiTaskModel, or slice-plugins on a frozen 2D ViT for encoder
+    slice2d) on a dataset folder; see the module docstring for what lands in the run folder."""
 
     def __init__(self, dataset: str | Path, config: Config, run_dir: str | Path, fold: int = 0,
                  device: str | None = None, progress: bool = True):
@@ -109,21 +119,33 @@ class Trainer:
             raise DatasetInvalidError(f"dataset {self.dataset} is not valid:\n{format_problems(problems)}")
         spec, cases = load_dataset(self.dataset)
         self.spec = spec
-        folds = stratified_folds(cases, spec, cfg.training.num_folds, cfg.training.seed)
-        if not 0 <= self.fold < len(folds):
-            raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {self.fold}")
-        val_ids = set(folds[self.fold])
         by_id = {c.case_id: c for c in cases}
-        load = lambda ids, what: [load_sample(by_id[i], spec, cfg.data.spacing)  # noqa: E731
+        predefined = read_splits(self.dataset, list(by_id))
+        if predefined is not None:  # official splits: train on "train", select on "val", never touch the rest
+            if self.fold:
+                raise ValueError(f"{self.dataset / 'splits.json'} defines the split; --fold {self.fold} does not apply")
+            folds, val_ids = [], set(predefined["val"])
+            by_id = {i: by_id[i] for i in predefined["train"] + predefined["val"]}
+        else:
+            folds = stratified_folds(cases, spec, cfg.training.num_folds, cfg.training.seed)
+            if not 0 <= self.fold < len(folds):
+                raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {self.fold}")
+            val_ids = set(folds[self.fold])
+        load = lambda ids, what: [load_sample(by_id[i], spec, cfg.data.spacing,  # noqa: E731
+                                                  normalization=cfg.data.normalization)
                                   for i in tqdm(sorted(ids), desc=f"load {what}", unit="case",
                                                 disable=not self.progress, leave=False)]
         self.train_samples = load(set(by_id) - val_ids, "train")
         self.val_samples = load(sorted(val_ids)[self.rank::self.world], "val")  # each rank validates its share
-        self.split = {"num_folds": len(folds), "fold": self.fold, "seed": cfg.training.seed, "folds": folds,
+        self.split = {"source": "splits.json" if predefined else "stratified k-fold", "num_folds": len(folds),
+                      "fold": self.fold, "seed": cfg.training.seed, "folds": folds,
                       "train": sorted(set(by_id) - val_ids), "val": sorted(val_ids)}
         self.model_spec = self._model_spec()
-        # channels-last 3D memory is ~10 % faster for oneDNN convolutions on CPU
-        self.model = MultiTaskModel(self.model_spec).to(self.device, memory_format=torch.channels_last_3d)
+        self.model = build_model(self.model_spec, self.run_dir).to(self.device)
+        if isinstance(self.model, PluginModel):
+            self._keep_backbone()
+        else:  # channels-last 3D memory is ~10 % faster for oneDNN 3D convolutions on CPU
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.network: torch.nn.Module = self.model
         if self.world > 1:  # gradients averaged across ranks by PyTorch's DistributedDataParallel
             self.network = DistributedDataParallel(
@@ -144,10 +166,13 @@ class Trainer:
                                             for t, v in self.model_spec.tasks.items()})
         tasks = self._loss_names()
         last = self.model.encoder.last_shared_layer()
+        if cfg.training.balancing == "gradnorm" and not any(p.requires_grad for p in last.parameters()):
+            raise ValueError("balancing 'gradnorm' needs a trainable shared encoder; the slice2d backbone is frozen "
+                             "(each plugin trains its own adapters): use 'fixed' or 'uncertainty'")
         self.balancer = build_balancer(cfg.training.balancing, tasks, weights=cfg.training.loss_weights or None,
                                        shared_parameters=list(last.parameters()),
                                        alpha=cfg.training.gradnorm_alpha).to(self.device)
-        params = list(self.model.parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad]  # a slice2d backbone stays frozen
         if cfg.training.balancing == "uncertainty":
             params += list(self.balancer.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate,
@@ -178,7 +203,37 @@ class Trainer:
         if "detection" in self.model_spec.heads:
             names.append("detection")
         names += [f"class:{t}" for t in self.model_spec.tasks] if "classification" in self.model_spec.heads else []
+        names += [f"aux:{t}" for t, p in self.model_spec.plugins.items() if p.get("aux_channels")]
         return names
+
+    def _keep_backbone(self) -> None:
+        """A randomly initialised slice2d backbone (no weights given) is written once to ``RUN/backbone`` (Hugging
+        Face format) and the model spec points there, so predictions and plugins can always find it."""
+        kwargs = self.model_spec.encoder_kwargs
+        if kwargs.get("weights") is not None:
+            return
+        if self.main:
+            save_hf_vit(self.model.encoder.vit, self.run_dir / "backbone")
+        kwargs.pop("vit", None)
+        kwargs["weights"] = "backbone"
+
+    def _plugin_specs(self, heads: list[str]) -> dict[str, dict[str, Any]]:
+        """encoder slice2d: one PluginConfig per classification task, from ``model.plugin`` / ``plugin_tasks``."""
+        cfg, spec = self.config.model, self.spec
+        if heads != ["classification"]:
+            raise ValueError(f"encoder slice2d serves classification plugins only (heads: [classification]), got "
+                             f"{heads}; segmentation and detection need a multi-scale 3D encoder (resenc, swin)")
+        unknown = set(cfg.plugin_tasks) - set(spec.tasks)
+        if unknown:
+            raise ValueError(f"model.plugin_tasks names unknown task(s) {sorted(unknown)}; tasks: {sorted(spec.tasks)}")
+        plugins = {}
+        for name, task in spec.tasks.items():
+            settings = {**cfg.plugin, **cfg.plugin_tasks.get(name, {})}
+            aux = bool(settings.pop("aux", False)) and bool(spec.regions)
+            config = PluginConfig(task=name, num_outputs=1 if task.kind == "binary" else len(task.classes),
+                                  aux_channels=len(spec.regions) if aux else 0, **settings)
+            plugins[name] = dataclasses.asdict(config)
+        return plugins
 
     def _model_spec(self) -> ModelSpec:
         cfg, spec = self.config, self.spec
@@ -198,10 +253,15 @@ class Trainer:
             detection.setdefault("score_threshold", cfg.inference.score_threshold)
             detection.setdefault("nms_threshold", cfg.inference.nms_threshold)
             detection.setdefault("max_detections", cfg.inference.max_detections)
+        encoder_kwargs = dict(cfg.model.encoder_kwargs)
+        plugins = self._plugin_specs(heads) if cfg.model.encoder == "slice2d" else {}
+        if encoder_kwargs.get("weights") is not None:  # a user's backbone path, made independent of the cwd
+            encoder_kwargs["weights"] = str(Path(encoder_kwargs["weights"]).resolve())
+            encoder_kwargs.pop("vit", None)  # the weights' own config says what the ViT is
         return ModelSpec(
-            encoder=cfg.model.encoder, in_channels=spec.num_channels,
+            encoder=cfg.model.encoder, in_channels=spec.num_channels, plugins=plugins,
             channel_names=[spec.channel_names[i] for i in sorted(spec.channel_names)], heads=heads,
-            spacing=list(cfg.data.spacing), encoder_kwargs=dict(cfg.model.encoder_kwargs),
+            spacing=list(cfg.data.spacing), normalization=cfg.data.normalization, encoder_kwargs=encoder_kwargs,
             regions={k: list(v) for k, v in spec.regions.items()}, labels=dict(spec.labels),
             segmentation=dict(cfg.model.segmentation) if "segmentation" in heads else {},
             tasks={n: {"kind": t.kind, "classes": list(t.classes)} for n, t in spec.tasks.items()},
@@ -214,6 +274,7 @@ class Trainer:
         rng = np.random.default_rng([cfg.training.seed, step, self.rank])
         picks = rng.integers(0, len(self.train_samples), size=cfg.training.batch_size)
         images, regions, boxes, fg, classes = [], [], [], [], {t: [] for t in self.model_spec.tasks}
+        has_mask = []
         for k, index in enumerate(picks):
             s: Sample = self.train_samples[index]
             regions_in = s.regions if s.regions is not None else torch.zeros((1, *s.image.shape[1:]), dtype=torch.uint8)
@@ -221,20 +282,26 @@ class Trainer:
             foreground = regions_in[:1] if s.regions is not None else (s.image.abs().sum(0, keepdim=True) > 0)
             # the patch's randomness is a function of (seed, step, k) alone: a resumed run draws the same patches
             self.transforms.set_random_state(seed=int(rng.integers(0, 2**31 - 1)) ^ k)
-            out = self.transforms({"image": s.image, "regions": regions_in, "instances": instances[None],
-                                   "foreground": foreground})[0]
+            with warnings.catch_warnings():
+                # cases without a label map are cropped around their non-zero voxels; where every voxel is non-zero
+                # MONAI says, once per patch, that it cannot balance positive and negative crops: expected, not news
+                warnings.filterwarnings("ignore", message=r"Num foregrounds \d+, Num backgrounds 0")
+                out = self.transforms({"image": s.image, "regions": regions_in, "instances": instances[None],
+                                       "foreground": foreground})[0]
             images.append(torch.as_tensor(out["image"]).float())
             regions.append(torch.as_tensor(out["regions"]).float())
             inst = torch.as_tensor(out["instances"])[0]
             b = boxes_from_instances(inst.numpy(), cfg.data.min_patch_box_voxels)
             boxes.append({"boxes": torch.as_tensor(b, dtype=torch.float32).to(self.device),
                           "labels": torch.zeros(len(b), dtype=torch.long, device=self.device)})
+            has_mask.append(s.regions is not None)
             has_tumour = bool(torch.as_tensor(out["regions"]).any()) if s.regions is not None else True
             fg.append(has_tumour)
             for task in classes:
                 classes[task].append(s.classes.get(task) if has_tumour else None)
         return {"image": torch.stack(images).to(self.device, memory_format=torch.channels_last_3d), "regions": torch.stack(regions).to(self.device),
-                "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()}}
+                "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()},
+                "has_mask": has_mask}
 
     def _class_targets(self, task: str, values: list) -> torch.Tensor:
         """Per-sample targets -> a tensor with -1 where unknown: (B,) indices, or (B, L) 0/1 for multilabel."""
@@ -249,12 +316,14 @@ class Trainer:
     def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         heads = self.model_spec.heads
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.network(batch["image"], det_targets=batch["boxes"] if "detection" in heads else None)
+            out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}))
         losses: dict[str, torch.Tensor] = {}
         if "segmentation" in out:
             losses["segmentation"] = self.seg_loss(out["segmentation"].float(), batch["regions"])
         if "detection" in out:
             losses["detection"] = sum(v.float() for v in out["detection"].values())
+        for task, logits in out.get("aux", {}).items():  # slice2d plugins' auxiliary pixel supervision
+            losses[f"aux:{task}"] = aux_segmentation_loss(logits.float(), batch["regions"], batch["has_mask"])
         unused = []
         if "classification" in out:
             logits = {t: v.float() for t, v in out["classification"].items()}
@@ -269,7 +338,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _weights(self) -> dict[str, torch.Tensor]:
-        weights = dict(self.model.state_dict())
+        weights = model_weights(self.model)
         weights.update({f"balancer.{k}": v for k, v in self.balancer.state_dict().items()})
         return weights
 
@@ -281,11 +350,23 @@ class Trainer:
                          "python": _python_state()}}
         folder = save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state)
         self.model_spec.save(folder / "model.json")
+        if name == "best" and isinstance(self.model, PluginModel):
+            self._export_plugins()
+
+    def _export_plugins(self) -> None:
+        """Each task's plugin alone in ``RUN/plugins/<task>.safetensors`` (a few MB, loadable onto any copy of the
+        backbone beside other tasks' plugins; see medtriad.inference.predictor.Predictor.from_plugins)."""
+        spec = self.model_spec
+        for task, plugin in self.model.plugins.items():
+            extra = {"task": spec.tasks[task], "spacing": spec.spacing, "normalization": spec.normalization,
+                     "channel_names": spec.channel_names,
+                     "encoder_kwargs": {k: v for k, v in spec.encoder_kwargs.items() if k != "weights"}}
+            save_plugin(plugin, self.run_dir / "plugins" / f"{task}.safetensors", extra=extra)
 
     def _restore(self) -> dict[str, Any]:
         folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
         weights = load_weights(folder, self.device)
-        self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("balancer.")})
+        load_model_weights(self.model, weights)
         self.balancer.load_state_dict({k[len("balancer."):]: v for k, v in weights.items()
                                        if k.startswith("balancer.")})
         state = load_state(folder)

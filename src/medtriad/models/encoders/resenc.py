@@ -15,12 +15,12 @@ from torch import Tensor, nn
 
 from medtriad.models.encoders.base import Encoder, FeatureInfo, register_encoder
 
-_NORM = ("instance", {"affine": True})
+_NORMS = {"instance": ("instance", {"affine": True}), "batch": ("batch", {})}
 _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
 
 
-def _res_block(in_channels: int, out_channels: int, stride: int) -> UnetResBlock:
-    return UnetResBlock(3, in_channels, out_channels, kernel_size=3, stride=stride, norm_name=_NORM, act_name=_ACT)
+def _res_block(in_channels: int, out_channels: int, stride: int, norm: tuple) -> UnetResBlock:
+    return UnetResBlock(3, in_channels, out_channels, kernel_size=3, stride=stride, norm_name=norm, act_name=_ACT)
 
 
 @register_encoder("resenc")
@@ -31,6 +31,9 @@ class ResEncEncoder(Encoder):
         in_channels: image channels.
         channels: output channels of each stage (= of each feature level), fine to coarse.
         blocks: residual blocks per stage; the first block of every stage but the first has stride 2.
+        norm: "instance" (nnU-Net's choice for segmentation patches) or "batch". Instance norm re-centres every
+            channel over the positions of a map, which at a 2x2x2 deepest level erases the per-channel means a
+            classifier of whole small volumes (MedMNIST, 28^3) reads: use "batch" there.
     """
 
     def __init__(
@@ -38,18 +41,21 @@ class ResEncEncoder(Encoder):
         in_channels: int,
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         blocks: Sequence[int] = (1, 1, 2, 2, 2),
+        norm: str = "instance",
     ):
         super().__init__()
         if len(channels) != len(blocks) or not channels or min(blocks) < 1:
             raise ValueError(f"resenc needs one block count >= 1 per stage, got channels={tuple(channels)} "
                              f"blocks={tuple(blocks)}")
+        if norm not in _NORMS:
+            raise ValueError(f"resenc norm must be one of {sorted(_NORMS)}, got {norm!r}")
         self.in_channels = in_channels
-        self.stem = Convolution(3, in_channels, channels[0], kernel_size=3, norm=_NORM, act=_ACT, bias=False)
+        self.stem = Convolution(3, in_channels, channels[0], kernel_size=3, norm=_NORMS[norm], act=_ACT, bias=False)
         self.stages = nn.ModuleList()
         previous = channels[0]
         for i, (c, n) in enumerate(zip(channels, blocks)):
-            stage = [_res_block(previous, c, stride=1 if i == 0 else 2)]
-            stage += [_res_block(c, c, stride=1) for _ in range(n - 1)]
+            stage = [_res_block(previous, c, 1 if i == 0 else 2, _NORMS[norm])]
+            stage += [_res_block(c, c, 1, _NORMS[norm]) for _ in range(n - 1)]
             self.stages.append(nn.Sequential(*stage))
             previous = c
         self.feature_info = [FeatureInfo(c, 2**i) for i, c in enumerate(channels)]

@@ -1,0 +1,150 @@
+"""Classification through `medtriad train` / `evaluate` on real MedMNIST cases: official splits, the 3D CNN path and
+the AnyMC3D slice-plugin path (encoder slice2d), plugins saved alone and served together on one backbone."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medtriad.cli import main
+from medtriad.config import Config
+from medtriad.data.layout import load_dataset, read_splits
+from medtriad.data.medmnist import import_medmnist
+from medtriad.data.transforms import normalize
+from medtriad.evaluation.run import evaluate_run
+from medtriad.inference.predictor import Predictor
+from medtriad.models.anymc3d import read_plugin_metadata
+from medtriad.training.trainer import train
+
+MEDMNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist3d"
+
+TINY_VIT = {"hidden_size": 24, "num_layers": 2, "num_heads": 2, "mlp_dim": 48, "patch_size": 7, "image_size": 28,
+            "layerscale": True, "model_type": "dinov2"}
+
+
+def _subset(name: str, out: Path, task: str, sizes=(("train", 24), ("val", 10), ("test", 8))) -> Path:
+    """The first cases of each official split of a real MedMNIST file, both classes in every split."""
+    npz = MEDMNIST / f"{name}.npz"
+    if not npz.is_file():
+        pytest.skip(f"real MedMNIST data not found at {npz}")
+    arrays = {}
+    with np.load(npz) as raw:
+        for split, n in sizes:
+            labels = raw[f"{split}_labels"].reshape(-1)
+            pick = np.concatenate([np.flatnonzero(labels == 0)[: n // 2], np.flatnonzero(labels == 1)[: n - n // 2]])
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = raw[f"{split}_images"][pick], raw[f"{split}_labels"][pick]
+    small = out.parent / f"{name}_small.npz"
+    np.savez(small, **arrays)
+    return import_medmnist(small, out, task=task)
+
+
+@pytest.fixture(scope="module")
+def adrenal(tmp_path_factory):
+    return _subset("adrenalmnist3d", tmp_path_factory.mktemp("mm") / "adrenal", task="adrenal")
+
+
+def _cnn_config(**training):
+    return Config.from_dict({
+        "data": {"spacing": [1, 1, 1], "patch_size": [32, 32, 32], "normalization": "all"},
+        "model": {"encoder": "resenc", "encoder_kwargs": {"channels": [4, 8, 8, 16, 16]}, "heads": ["classification"],
+                  "classification_hidden": 8},
+        "training": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 4, "warmup_iterations": 1, **training}})
+
+
+def _plugin_config(**plugin):
+    return Config.from_dict({
+        "data": {"spacing": [1, 1, 1], "patch_size": [28, 28, 28], "normalization": "all"},
+        "model": {"encoder": "slice2d", "heads": ["classification"],
+                  "encoder_kwargs": {"vit": TINY_VIT, "slice_size": 28, "max_slices": 8},
+                  "plugin": {"rank": 2, "alpha": 4, "query_dim": 8, **plugin}},
+        "training": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "warmup_iterations": 1}})
+
+
+def test_read_splits_validates(tmp_path):
+    assert read_splits(tmp_path) is None
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": ["b"]}))
+    with pytest.raises(ValueError, match="'b' is in both"):
+        read_splits(tmp_path)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "test": ["b"]}))
+    with pytest.raises(ValueError, match="'val'"):
+        read_splits(tmp_path)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["c"]}))
+    with pytest.raises(ValueError, match="no images"):
+        read_splits(tmp_path, ["a", "b"])
+    assert read_splits(tmp_path, ["a", "c"]) == {"train": ["a"], "val": ["c"]}
+
+
+def test_normalization_modes_keep_shape_masks():
+    mask = torch.zeros(1, 8, 8, 8)
+    mask[0, 2:5, 2:5, 2:5] = 255.0
+    assert normalize(mask, "nonzero").abs().max() == 0  # a foreground z-score erases a constant-valued shape
+    z = normalize(mask, "all")
+    assert z[0, 3, 3, 3] > 1 and z[0, 0, 0, 0] < 0 and abs(float(z.mean())) < 1e-5
+    assert torch.equal(normalize(mask, "none"), mask)
+    with pytest.raises(ValueError, match="normalization"):
+        normalize(mask, "minmax")
+
+
+def test_cnn_classifier_trains_on_official_split_and_scores_test_once(adrenal, tmp_path):
+    run = tmp_path / "cnn"
+    train(adrenal, _cnn_config(), run, progress=False)
+    split = json.loads((run / "split.json").read_text())
+    official = json.loads((adrenal / "splits.json").read_text())
+    assert split["source"] == "splits.json"
+    assert split["train"] == official["train"] and split["val"] == official["val"]
+    assert not set(official["test"]) & set(split["train"] + split["val"])
+    assert json.loads((run / "model.json").read_text())["normalization"] == "all"
+    assert main(["evaluate", str(run), str(adrenal), "--split", "test", "-q"]) == 0
+    summary = json.loads((run / "evaluation_test" / "summary.json").read_text())
+    assert summary["num_cases"] == len(official["test"]) == 8
+    assert 0.0 <= summary["classification"]["adrenal"]["auc"] <= 1.0
+    rows = (run / "evaluation_test" / "per_case.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == official["test"]
+    assert main(["evaluate", str(run), str(adrenal), "--split", "holdout", "-q"]) == 2
+    with pytest.raises(ValueError, match="--fold 1 does not apply"):
+        train(adrenal, _cnn_config(), tmp_path / "fold1", fold=1, progress=False)
+
+
+def test_slice2d_plugins_train_evaluate_and_share_one_backbone(adrenal, tmp_path):
+    first = tmp_path / "adrenal_run"
+    train(adrenal, _plugin_config(), first, progress=False)
+    # a random backbone is kept once in the run; checkpoints hold the plugin only
+    assert (first / "backbone" / "model.safetensors").is_file()
+    spec = json.loads((first / "model.json").read_text())
+    assert spec["encoder"] == "slice2d" and spec["encoder_kwargs"]["weights"] == "backbone"
+    from safetensors import safe_open
+    with safe_open(str(first / "checkpoints" / "best" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith("encoder.") for k in keys)
+    plugin_file = first / "plugins" / "adrenal.safetensors"
+    meta = read_plugin_metadata(plugin_file)
+    assert meta["extra"]["task"]["classes"] == ["normal", "adrenal_mass"] and meta["extra"]["normalization"] == "all"
+    assert plugin_file.stat().st_size < 2_000_000
+    out, summary = evaluate_run(first, adrenal, split="test", progress=False)
+    assert summary["num_cases"] == 8 and 0.0 <= summary["classification"]["adrenal"]["auc"] <= 1.0
+
+    # a second task (another dataset) trained on the same backbone file, with MoLRE experts instead of LoRA
+    vessel = _subset("vesselmnist3d", tmp_path / "vessel", task="vessel")
+    second = tmp_path / "vessel_run"
+    config = _plugin_config(adapter="molre", experts=2)
+    config.model.encoder_kwargs["weights"] = str(first / "backbone")
+    train(vessel, config, second, progress=False)
+    assert not (second / "backbone").exists()
+    assert read_plugin_metadata(second / "plugins" / "vessel.safetensors")["config"]["adapter"] == "molre"
+
+    # both plugins loaded at once on one backbone reproduce each run's own predictions
+    both = Predictor.from_plugins(first / "backbone", [plugin_file, second / "plugins" / "vessel.safetensors"],
+                                  device="cpu")
+    assert set(both.spec.tasks) == {"adrenal", "vessel"}
+    for run, dataset, task in ((first, adrenal, "adrenal"), (second, vessel, "vessel")):
+        _, cases = load_dataset(dataset)
+        case = next(c for c in cases if c.case_id.startswith("test_"))
+        alone = Predictor.from_pretrained(run, device="cpu").predict([case.image_files[0]], case_id=case.case_id)
+        shared = both.predict([case.image_files[0]], case_id=case.case_id)
+        assert set(shared.probabilities) == {"adrenal", "vessel"}
+        np.testing.assert_allclose(list(shared.probabilities[task].values()),
+                                   list(alone.probabilities[task].values()), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="same task"):
+        Predictor.from_plugins(first / "backbone", [plugin_file, plugin_file])
