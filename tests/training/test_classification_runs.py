@@ -2,6 +2,7 @@
 the AnyMC3D slice-plugin path (encoder slice2d), plugins saved alone and served together on one backbone."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,46 @@ def test_slice2d_plugins_train_evaluate_and_share_one_backbone(adrenal, tmp_path
                                    list(alone.probabilities[task].values()), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="same task"):
         Predictor.from_plugins(first / "backbone", [plugin_file, plugin_file])
+
+
+def test_brats_grade_and_findings_plugins_from_one_config(brats2018, tmp_path):
+    """Two tasks (binary grade, multi-label findings with MoLRE) trained as two plugins on one backbone from one
+    config, with auxiliary pixel supervision; per-label AUC; heatmaps written in the input geometry."""
+    dataset = tmp_path / "brats"
+    shutil.copytree(brats2018[0], dataset)
+    assert main(["findings", str(dataset), "-q"]) == 0
+    config = Config.from_dict({
+        "data": {"spacing": [4, 4, 4], "patch_size": [28, 28, 28]},
+        "model": {"encoder": "slice2d", "heads": ["classification"],
+                  "encoder_kwargs": {"vit": TINY_VIT, "slice_size": 28, "max_slices": 6, "channel_map": [0, 2, 3]},
+                  "plugin": {"rank": 2, "alpha": 4, "query_dim": 8, "aux": True},
+                  "plugin_tasks": {"findings": {"adapter": "molre", "experts": 2, "views": ["axial", "coronal"]}}},
+        "training": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "warmup_iterations": 1}})
+    run = tmp_path / "run"
+    train(dataset, config, run, progress=False)
+    plugins = json.loads((run / "model.json").read_text())["plugins"]
+    assert set(plugins) == {"grade", "findings"}
+    assert plugins["findings"]["adapter"] == "molre" and plugins["findings"]["views"] == ["axial", "coronal"]
+    assert plugins["grade"]["adapter"] == "lora" and plugins["grade"]["aux_channels"] == 3  # WT, TC, ET
+    losses = json.loads((run / "history.json").read_text())[0]["losses"]
+    assert {"class:grade", "class:findings", "aux:grade", "aux:findings"} <= set(losses)
+    assert all(np.isfinite(v) for v in losses.values())
+    _, summary = evaluate_run(run, dataset, progress=False)
+    findings = summary["classification"]["findings"]
+    assert "auc" in findings and {f"auc_{n}" for n in ("necrosis", "enhancement")} <= set(findings)
+    # the exported plugins leave the training-only auxiliary decoder out
+    assert read_plugin_metadata(run / "plugins" / "grade.safetensors")["config"]["aux_channels"] == 0
+
+    _, cases = load_dataset(dataset)
+    case = cases[0]
+    out = tmp_path / "pred"
+    assert main(["predict", "-m", str(run), "-i", *[str(case.image_files[i]) for i in range(4)], "-o", str(out),
+                 "--heatmaps", "-q"]) == 0
+    import nibabel as nib
+    image = nib.load(case.image_files[0])
+    for task in ("grade", "findings"):
+        heatmap = nib.load(out / f"{case.case_id}_heatmap_{task}.nii.gz")
+        assert heatmap.shape == image.shape
+        np.testing.assert_allclose(heatmap.affine, image.affine, atol=1e-5)
+        data = heatmap.get_fdata()
+        assert 0.5 < data.max() <= 1.0 + 1e-6 and data.min() >= -1e-6  # scaled to max 1 on the model grid

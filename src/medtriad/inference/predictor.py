@@ -113,7 +113,8 @@ class Predictor:
         """Several tasks' plugins (``RUN/plugins/<task>.safetensors`` of slice2d runs) on ONE copy of their frozen
         backbone (a Hugging Face folder or state dict): one model predicting every task.
 
-        The plugins must share the backbone, slicing, spacing, normalisation and channels they were trained with.
+        The plugins must share the backbone, slicing, spacing, normalisation and number of channels they were
+        trained with (the first plugin names the channels).
         """
         from medtriad.models.anymc3d import PluginModel, load_plugin, read_plugin_metadata
         from medtriad.models.encoders.slice2d import Slice2DEncoder
@@ -125,10 +126,13 @@ class Predictor:
             raise ValueError("plugin files written by save_plugin without run metadata cannot be predicted from; "
                              "use the plugins/ files of a training run")
         first = metas[0]
-        for path, meta in zip(plugins, metas):
-            for key in ("spacing", "normalization", "channel_names", "encoder_kwargs"):
+        for path, meta in zip(plugins, metas):  # channel names may differ (CT vs MRA), their number may not
+            for key in ("spacing", "normalization", "encoder_kwargs"):
                 if meta[key] != first[key]:
                     raise ValueError(f"{path}: {key} {meta[key]} differs from {first[key]} of {plugins[0]}")
+            if len(meta["channel_names"]) != len(first["channel_names"]):
+                raise ValueError(f"{path}: {len(meta['channel_names'])} input channels, {plugins[0]} has "
+                                 f"{len(first['channel_names'])}")
         encoder = Slice2DEncoder(len(first["channel_names"]), weights=backbone, **first["encoder_kwargs"])
         loaded = [load_plugin(p, encoder) for p in plugins]
         tasks = {plugin.config.task: meta["task"] for plugin, meta in zip(loaded, metas)}
