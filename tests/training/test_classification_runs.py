@@ -150,6 +150,13 @@ def test_slice2d_plugins_train_evaluate_and_share_one_backbone(adrenal, tmp_path
     with pytest.raises(ValueError, match="same task"):
         Predictor.from_plugins(first / "backbone", [plugin_file, plugin_file])
 
+    # heatmaps come from the same backbone pass as the logits and equal the model's own heatmap
+    both.heatmaps = True
+    image = torch.randn(1, 28, 28, 28)
+    grid = both.predict_grid(image)
+    for task in ("adrenal", "vessel"):
+        torch.testing.assert_close(grid.heatmaps[task], both.model.heatmap(image[None], task)[0])
+
 
 def test_brats_grade_and_findings_plugins_from_one_config(brats2018, tmp_path):
     """Two tasks (binary grade, multi-label findings with MoLRE) trained as two plugins on one backbone from one

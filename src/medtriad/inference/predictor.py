@@ -86,7 +86,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
-        self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (one more pass per task)
+        self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best",
@@ -159,8 +159,7 @@ class Predictor:
             roi = tuple(int(np.ceil(s / div) * div) for s in shape)
         roi = tuple(int(np.ceil(r / div) * div) for r in roi)
         padded_shape = tuple(max(s, r) for s, r in zip(shape, roi))
-        x = torch.zeros((1, image.shape[0], *padded_shape), device=self.device)
-        x[0, :, : shape[0], : shape[1], : shape[2]] = image.to(self.device)
+        x = self._padded_batch(image, padded_shape)
         roi = get_valid_patch_size(padded_shape, roi)
         interval = [max(1, int(r * (1 - self.inference.overlap))) for r in roi]
         slices = dense_patch_slices(padded_shape, roi, interval)
@@ -202,6 +201,12 @@ class Predictor:
                 out.class_probs[task] = self._class_probs(task, head.decode(task, pooled)[0])
         return out
 
+    def _padded_batch(self, image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """(C, X, Y, Z) -> a batch of one (1, C, *size) on the device, zero-padded at the end of each axis."""
+        x = torch.zeros((1, image.shape[0], *size), device=self.device)
+        x[0, :, : image.shape[1], : image.shape[2], : image.shape[3]] = image.to(self.device)
+        return x
+
     def _class_probs(self, task: str, logits: torch.Tensor) -> torch.Tensor:
         kind = self.spec.tasks[task]["kind"]
         return (torch.softmax(logits, -1) if kind == "multiclass" else torch.sigmoid(logits)).cpu()
@@ -212,14 +217,13 @@ class Predictor:
         div = self.model.size_divisible
         shape = tuple(image.shape[1:])
         padded = tuple(int(np.ceil(s / div) * div) for s in shape)
-        x = torch.zeros((1, image.shape[0], *padded), device=self.device)
-        x[0, :, : shape[0], : shape[1], : shape[2]] = image.to(self.device)
-        logits = self.model(x, aux=False)["logits"]
+        x = self._padded_batch(image, padded)
+        result = self.model(x, aux=False, need_weights=self.heatmaps)  # one pass gives logits and attention
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
-        out.class_probs = {task: self._class_probs(task, v[0]) for task, v in logits.items()}
+        out.class_probs = {task: self._class_probs(task, v[0]) for task, v in result["logits"].items()}
         if self.heatmaps:
-            out.heatmaps = {task: self.model.heatmap(x, task)[0, : shape[0], : shape[1], : shape[2]].cpu()
-                            for task in logits}
+            out.heatmaps = {task: self.model.heatmap_from(result, task, padded)[0, : shape[0], : shape[1], : shape[2]]
+                            .cpu() for task in result["logits"]}
         return out
 
     # ------------------------------------------------------------------ input grid

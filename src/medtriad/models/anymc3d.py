@@ -282,9 +282,14 @@ class PluginModel(nn.Module):
         task's slice weights, upsampled in-plane to the input size and along the slicing axis over the slices that
         were read; views are summed with the task's view weights.
         """
-        result = self.forward(x, [task], aux=False, need_weights=True)
-        spatial = tuple(x.shape[2:])
-        total = torch.zeros(len(x), *spatial, device=x.device)
+        return self.heatmap_from(self.forward(x, [task], aux=False, need_weights=True), task, tuple(x.shape[2:]))
+
+    def heatmap_from(self, result: Mapping[str, Any], task: str, spatial: Sequence[int]) -> Tensor:
+        """:meth:`heatmap` from the output of a ``forward(..., need_weights=True)`` call that already ran ``task`` on
+        an input of spatial size ``spatial``, so logits and heatmaps come from one backbone pass."""
+        spatial = tuple(spatial)
+        logits = result["logits"][task]
+        total = torch.zeros(len(logits), *spatial, device=logits.device)
         for v, view in enumerate(self.plugins[task].config.views):
             axis = VIEW_AXES[view]
             attention = result["attention"][task][view] * result["slice_weights"][task][view][..., None, None]
@@ -378,12 +383,12 @@ def load_plugin(path: str | os.PathLike, encoder: Slice2DEncoder) -> Plugin:
 def build_plugin_model(spec: Any, root: str | os.PathLike | None = None) -> PluginModel:
     """The PluginModel a ModelSpec with encoder "slice2d" describes: the backbone from ``encoder_kwargs`` (a relative
     ``weights`` path is taken relative to ``root``, the run folder) and one plugin per entry of ``spec.plugins``."""
+    if not spec.plugins:
+        raise ValueError("a slice2d model needs at least one plugin (one per classification task)")
     kwargs = dict(spec.encoder_kwargs)
     weights = kwargs.pop("weights", None)
     if weights is not None and root is not None and not Path(weights).is_absolute():
         weights = Path(root) / weights
     encoder = Slice2DEncoder(spec.in_channels, weights=weights, **kwargs)
-    if not spec.plugins:
-        raise ValueError("a slice2d model needs at least one plugin (one per classification task)")
     plugins = {task: Plugin(PluginConfig(**config), encoder) for task, config in spec.plugins.items()}
     return PluginModel(encoder, plugins, spec)

@@ -230,7 +230,8 @@ class Trainer:
         for name, task in spec.tasks.items():
             settings = {**cfg.plugin, **cfg.plugin_tasks.get(name, {})}
             aux = bool(settings.pop("aux", False)) and bool(spec.regions)
-            config = PluginConfig(task=name, num_outputs=1 if task.kind == "binary" else len(task.classes),
+            config = PluginConfig(task=name, num_outputs=ModelSpec.task_outputs({"kind": task.kind,
+                                                                                  "classes": task.classes}),
                                   aux_channels=len(spec.regions) if aux else 0, **settings)
             plugins[name] = dataclasses.asdict(config)
         return plugins
