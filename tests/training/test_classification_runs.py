@@ -108,6 +108,18 @@ def test_cnn_classifier_trains_on_official_split_and_scores_test_once(adrenal, t
         train(adrenal, _cnn_config(), tmp_path / "fold1", fold=1, progress=False)
 
 
+def test_slice2d_config_errors_are_clear(adrenal, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ranks'\] in model.plugin;"):
+        train(adrenal, _plugin_config(ranks=4), tmp_path / "typo", progress=False)
+    config = _plugin_config()
+    config.model.plugin_tasks = {"adrenal": {"expert": 2}}
+    with pytest.raises(ValueError, match=r"\['expert'\] in model.plugin_tasks.adrenal"):
+        train(adrenal, config, tmp_path / "typo2", progress=False)
+    config.model.heads = ("classification", "segmentation")
+    with pytest.raises(ValueError, match="classification plugins only"):
+        train(adrenal, config, tmp_path / "heads", progress=False)
+
+
 def test_slice2d_plugins_train_evaluate_and_share_one_backbone(adrenal, tmp_path):
     first = tmp_path / "adrenal_run"
     train(adrenal, _plugin_config(), first, progress=False)

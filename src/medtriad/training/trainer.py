@@ -226,6 +226,12 @@ class Trainer:
         unknown = set(cfg.plugin_tasks) - set(spec.tasks)
         if unknown:
             raise ValueError(f"model.plugin_tasks names unknown task(s) {sorted(unknown)}; tasks: {sorted(spec.tasks)}")
+        settable = {f.name for f in dataclasses.fields(PluginConfig)} - {"task", "num_outputs", "aux_channels"}
+        for where, settings in [("model.plugin", cfg.plugin)] + [(f"model.plugin_tasks.{t}", v)
+                                                                 for t, v in cfg.plugin_tasks.items()]:
+            unknown = set(settings) - settable - {"aux"}
+            if unknown:
+                raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(settable | {'aux'})}")
         plugins = {}
         for name, task in spec.tasks.items():
             settings = {**cfg.plugin, **cfg.plugin_tasks.get(name, {})}
