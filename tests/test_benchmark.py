@@ -11,12 +11,15 @@ from torch import nn
 from medtriad.benchmark import (
     VARIANTS,
     brats_model_spec,
+    compare_folds,
     count_flops,
     count_parameters,
+    format_folds_markdown,
     format_markdown,
     measure_cpu_memory,
     measure_model,
     run_benchmark,
+    variant_config,
     variant_specs,
 )
 from medtriad.cli import main
@@ -112,4 +115,45 @@ def test_cli_with_short_training(synth_dataset, tmp_path):
         assert (out / "runs" / name / "model.json").is_file()
     table = (out / "benchmark.md").read_text()
     assert all(row in table for row in ROWS) and "dice_WT" in table and "AUC_grade" in table
+    pooled = compare_folds([report])  # a real report pools (one fold: the spread is the value itself)
+    assert pooled["folds"] == [0] and set(pooled["multi_minus_single"]) == {
+        "seg:dice_WT", "seg:dice_TC", "seg:dice_ET", "det:AP@0.10", "cls:AUC_grade"}
     assert main(["benchmark", "-c", "tiny", "-o", str(out), "--minutes", "1"]) == 2  # --minutes without --train
+
+
+def _trained_report(fold: int, metrics: dict[str, dict[str, float]]) -> dict:
+    return {"config": "x", "training": {"dataset": "d", "minutes": 5, "fold": fold},
+            "models": {name: {"training": {"epochs": 3, "metrics": m}} for name, m in metrics.items()}}
+
+
+def test_compare_folds_pools_means_spreads_and_differences():
+    fold0 = {"multi": {"dice_WT": 0.80, "AP@0.10": 0.50, "AUC_grade": 1.0}, "seg": {"dice_WT": 0.85},
+             "det": {"AP@0.10": 0.40}, "cls": {"AUC_grade": 0.0}}
+    fold1 = {"multi": {"dice_WT": 0.90, "AP@0.10": 0.70, "AUC_grade": float("nan")}, "seg": {"dice_WT": 0.86},
+             "det": {"AP@0.10": 0.80}, "cls": {"AUC_grade": 0.5}}
+    pooled = compare_folds([_trained_report(0, fold0), _trained_report(1, fold1)])
+    wt = pooled["models"]["multi"]["metrics"]["dice_WT"]
+    assert wt["mean"] == pytest.approx(0.85) and (wt["min"], wt["max"]) == (0.80, 0.90)
+    d = pooled["multi_minus_single"]
+    assert d["seg:dice_WT"]["values"] == pytest.approx([-0.05, 0.04])
+    assert d["seg:dice_WT"]["mean"] == pytest.approx(-0.005) and d["seg:dice_WT"]["within"]  # -0.005 >= -0.02
+    assert d["det:AP@0.10"]["mean"] == pytest.approx(0.0) and d["det:AP@0.10"]["within"]
+    # a fold where AUC is undefined (NaN) is left out of the mean, not counted as zero
+    assert d["cls:AUC_grade"]["mean"] == pytest.approx(1.0) and d["cls:AUC_grade"]["tolerance"] == 0.03
+    fold1["seg"]["dice_WT"] = 0.95  # now multi trails seg by 0.05 on average: outside 0.02
+    pooled = compare_folds([_trained_report(0, fold0), _trained_report(1, fold1)])
+    assert not pooled["multi_minus_single"]["seg:dice_WT"]["within"]
+    table = format_folds_markdown(pooled)
+    assert "| multi | 3/3 |" in table and "| seg | dice_WT | -0.050 [-0.050, -0.050] |" in table
+    with pytest.raises(ValueError, match="no training results"):
+        compare_folds([{"training": None, "models": {}}])
+
+
+def test_single_task_configs_keep_only_their_own_loss_weights():
+    config = Config.load("brats-cpu")  # fixed weights for segmentation, detection and class:grade
+    weights = {name: variant_config(config, heads).training.loss_weights for name, heads in VARIANTS.items()}
+    assert weights["multi"] == config.training.loss_weights
+    assert weights["seg"] == {"segmentation": 1.0} and weights["det"] == {"detection": 0.5}
+    assert weights["cls"] == {"class:grade": 0.2}
+    assert variant_config(config, ["detection"]).model.heads == ("detection",)
+    assert config.model.heads == ("segmentation", "detection", "classification")  # the original is untouched

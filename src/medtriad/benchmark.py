@@ -289,6 +289,19 @@ def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def variant_config(config: Config, heads: Sequence[str]) -> Config:
+    """``config`` for a model with only ``heads``: fixed loss weights of the other heads' tasks are dropped (a
+    single-task segmentation model keeps ``segmentation``'s weight; ``class:TASK`` weights go with classification)."""
+    cfg = copy.deepcopy(config)
+    cfg.model.heads = tuple(heads)
+
+    def kept(task: str) -> bool:
+        return ("classification" if task.startswith("class:") else task) in heads
+
+    cfg.training.loss_weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if kept(k)}
+    return cfg
+
+
 def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes: float, fold: int = 0,
                    device: str | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Train the multi-task model and each single-task model for ``minutes`` on the same fold.
@@ -300,8 +313,7 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
 
     results: dict[str, dict[str, Any]] = {}
     for name, heads in VARIANTS.items():
-        cfg = copy.deepcopy(config)
-        cfg.model.heads = tuple(heads)
+        cfg = variant_config(config, heads)
         cfg.training.max_minutes = minutes
         run = Path(out) / "runs" / name
         start = time.monotonic()
@@ -439,4 +451,86 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- across folds
+#: how far below a single-task model the multi-task model may score and still count as "comparable" (issue 5)
+TOLERANCE = {"dice_": 0.02, "AP@": 0.02, "AUC_": 0.03}
+
+
+def _tolerance(metric: str) -> float:
+    return next((tol for prefix, tol in TOLERANCE.items() if metric.startswith(prefix)), math.nan)
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"values": list(values), "mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"values": list(values), "mean": statistics.fmean(finite), "min": min(finite), "max": max(finite)}
+
+
+def compare_folds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pool trained benchmark reports (one per fold or seed) into mean and spread per model and metric, and the
+    multi-task minus single-task difference per metric, fold by fold.
+
+    A metric counts as "within tolerance" when the mean difference is no lower than minus its tolerance
+    (:data:`TOLERANCE`: 0.02 Dice, 0.02 AP, 0.03 AUC); the per-fold range shows how much that mean can be trusted.
+    """
+    if not reports:
+        raise ValueError("compare_folds needs at least one trained benchmark report")
+    for i, report in enumerate(reports):
+        if not report.get("training"):
+            raise ValueError(f"report {i} has no training results (run `medtriad benchmark --train`)")
+    folds = [r["training"]["fold"] for r in reports]
+    models: dict[str, dict[str, Any]] = {}
+    for name in VARIANTS:
+        per_fold = [r["models"][name]["training"]["metrics"] for r in reports]
+        metrics = [k for k in per_fold[0]]
+        models[name] = {
+            "epochs": [r["models"][name]["training"]["epochs"] for r in reports],
+            "metrics": {k: _spread([float(m.get(k, math.nan)) for m in per_fold]) for k in metrics},
+        }
+    deltas: dict[str, dict[str, Any]] = {}
+    for name in SINGLE:
+        for metric, single in models[name]["metrics"].items():
+            multi = models["multi"]["metrics"].get(metric)
+            if multi is None:
+                continue
+            d = _spread([a - b for a, b in zip(multi["values"], single["values"])])
+            tol = _tolerance(metric)
+            d["tolerance"] = tol
+            d["within"] = bool(math.isfinite(d["mean"]) and math.isfinite(tol) and d["mean"] >= -tol)
+            deltas[f"{name}:{metric}"] = d
+    return {"folds": folds, "minutes": reports[0]["training"]["minutes"], "dataset": reports[0]["training"]["dataset"],
+            "config": reports[0].get("config", ""), "models": models, "multi_minus_single": deltas}
+
+
+def format_folds_markdown(pooled: dict[str, Any]) -> str:
+    """:func:`compare_folds` as Markdown: one table of mean [min, max] per model, one of multi minus single."""
+    folds = ", ".join(map(str, pooled["folds"]))
+    metrics: list[str] = []
+    for m in pooled["models"].values():
+        metrics += [k for k in m["metrics"] if k not in metrics]
+
+    def cell(s: dict[str, Any] | None, digits: int = 3) -> str:
+        if s is None or not math.isfinite(s["mean"]):
+            return "–"
+        if len(s["values"]) == 1:
+            return _num(s["mean"], digits)
+        return f"{_num(s['mean'], digits)} [{_num(s['min'], digits)}, {_num(s['max'], digits)}]"
+
+    lines = [f"# Multi-task vs single-task quality: {pooled['config'] or 'config'}, folds {folds}", "",
+             f"Each model trained {pooled['minutes']} min per fold on {pooled['dataset']}; validation after the last "
+             "epoch. Cells: mean over folds [min, max].", "",
+             "| model | epochs | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+    for name, m in pooled["models"].items():
+        lines.append(f"| {name} | {'/'.join(map(str, m['epochs']))} | "
+                     + " | ".join(cell(m["metrics"].get(k)) for k in metrics) + " |")
+    lines += ["", "| multi minus | metric | mean [min, max] | per fold | tolerance | within |", "|---|---|---:|---|---:|---|"]
+    for key, d in pooled["multi_minus_single"].items():
+        name, metric = key.split(":", 1)
+        per_fold = ", ".join(_num(v, 3) for v in d["values"])
+        lines.append(f"| {name} | {metric} | {cell(d)} | {per_fold} | {_num(d['tolerance'], 2)} | "
+                     f"{'yes' if d['within'] else 'no'} |")
     return "\n".join(lines) + "\n"

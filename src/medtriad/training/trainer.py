@@ -297,8 +297,10 @@ class Trainer:
                                        "foreground": foreground})[0]
             images.append(torch.as_tensor(out["image"]).float())
             regions.append(torch.as_tensor(out["regions"]).float())
-            inst = torch.as_tensor(out["instances"])[0]
-            b = boxes_from_instances(inst.numpy(), cfg.data.min_patch_box_voxels)
+            if "detection" in self.model_spec.heads:  # one connected-component pass per patch: only when used
+                b = boxes_from_instances(torch.as_tensor(out["instances"])[0].numpy(), cfg.data.min_patch_box_voxels)
+            else:
+                b = np.zeros((0, 6), dtype=np.float32)
             boxes.append({"boxes": torch.as_tensor(b, dtype=torch.float32).to(self.device),
                           "labels": torch.zeros(len(b), dtype=torch.long, device=self.device)})
             has_mask.append(s.regions is not None)
