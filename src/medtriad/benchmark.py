@@ -486,10 +486,9 @@ def compare_folds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     for name in VARIANTS:
         per_fold = [r["models"][name]["training"]["metrics"] for r in reports]
-        metrics = [k for k in per_fold[0]]
         models[name] = {
             "epochs": [r["models"][name]["training"]["epochs"] for r in reports],
-            "metrics": {k: _spread([float(m.get(k, math.nan)) for m in per_fold]) for k in metrics},
+            "metrics": {k: _spread([float(m.get(k, math.nan)) for m in per_fold]) for k in per_fold[0]},
         }
     deltas: dict[str, dict[str, Any]] = {}
     for name in SINGLE:

@@ -226,12 +226,13 @@ class Trainer:
         unknown = set(cfg.plugin_tasks) - set(spec.tasks)
         if unknown:
             raise ValueError(f"model.plugin_tasks names unknown task(s) {sorted(unknown)}; tasks: {sorted(spec.tasks)}")
-        settable = {f.name for f in dataclasses.fields(PluginConfig)} - {"task", "num_outputs", "aux_channels"}
+        # the PluginConfig fields a config may set (the rest come from the dataset), plus "aux" (read below)
+        known = {f.name for f in dataclasses.fields(PluginConfig)} - {"task", "num_outputs", "aux_channels"} | {"aux"}
         for where, settings in [("model.plugin", cfg.plugin)] + [(f"model.plugin_tasks.{t}", v)
                                                                  for t, v in cfg.plugin_tasks.items()]:
-            unknown = set(settings) - settable - {"aux"}
+            unknown = set(settings) - known
             if unknown:
-                raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(settable | {'aux'})}")
+                raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
         plugins = {}
         for name, task in spec.tasks.items():
             settings = {**cfg.plugin, **cfg.plugin_tasks.get(name, {})}
@@ -297,7 +298,7 @@ class Trainer:
                                        "foreground": foreground})[0]
             images.append(torch.as_tensor(out["image"]).float())
             regions.append(torch.as_tensor(out["regions"]).float())
-            if "detection" in self.model_spec.heads:  # one connected-component pass per patch: only when used
+            if "detection" in self.model_spec.heads:  # patch boxes feed the detection loss alone
                 b = boxes_from_instances(torch.as_tensor(out["instances"])[0].numpy(), cfg.data.min_patch_box_voxels)
             else:
                 b = np.zeros((0, 6), dtype=np.float32)
