@@ -38,3 +38,5 @@ def test_unknown_config_and_missing_run_are_plain_errors(synth_dataset, tmp_path
     assert "no-such-recipe" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing"), str(synth_dataset), "-q"]) == 2
     assert "model.json" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing"), str(synth_dataset), "--set", "training.epochs=1", "-q"]) == 2
+    assert "inference settings only" in capsys.readouterr().err

@@ -73,6 +73,17 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _inference_overrides(pairs: list[str]) -> dict:
+    """``--set inference.KEY=VALUE`` pairs of evaluate / predict -> {KEY: VALUE}."""
+    out = {}
+    for key, value in _overrides(pairs).items():
+        section, _, name = key.partition(".")
+        if section != "inference":
+            raise ValueError(f"--set here changes inference settings only (inference.KEY=VALUE), got {key!r}")
+        out[name] = value
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from medtriad.config import Config
     from medtriad.training.trainer import train
@@ -96,7 +107,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     output = args.output or Path(args.run) / (f"evaluation_{args.split}"
                                               + ("_last" if args.checkpoint == "last" else ""))
     out, summary = evaluate_run(Path(args.run), Path(args.dataset), split=args.split, device=args.device,
-                                output=output, checkpoint=args.checkpoint, progress=not args.quiet)
+                                output=output, checkpoint=args.checkpoint, progress=not args.quiet,
+                                inference=_inference_overrides(args.set))
     print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str)[:4000])
     print(f"per-case metrics and summary written to {out}")
     return 0
@@ -115,7 +127,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     failures = predict_folder(args.model, [Path(p) for p in args.input], Path(args.output), device=args.device,
                               num_parts=args.num_parts, part_id=args.part_id, overwrite=args.overwrite,
-                              progress=not args.quiet, heatmaps=args.heatmaps)
+                              progress=not args.quiet, heatmaps=args.heatmaps,
+                              inference=_inference_overrides(args.set))
     if failures:
         print(f"{len(failures)} case(s) failed:", file=sys.stderr)
         for case_id, reason in failures:
@@ -199,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json (default "
                    "RUN/evaluation_<split>[_last])")
     p.add_argument("--device", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="inference.KEY=VALUE",
+                   help="override an inference setting of the run, e.g. inference.mirror_axes=[]")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="run a trained model on new scans")
@@ -212,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     p.add_argument("--heatmaps", action="store_true", help="slice2d plugin models: also write each task's attention "
                    "heatmap (CASE_heatmap_TASK.nii.gz, input geometry)")
+    p.add_argument("--set", action="append", default=[], metavar="inference.KEY=VALUE",
+                   help="override an inference setting of the model, e.g. inference.mirror_axes=[0,1,2]")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> predict -> HTML report")

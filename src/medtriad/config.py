@@ -105,6 +105,10 @@ class InferenceConfig:
         score_threshold: detection boxes below this score are dropped.
         nms_threshold: IoU above which overlapping boxes are suppressed (within and across windows).
         max_detections: boxes kept per case.
+        mirror_axes: test-time mirroring (nnU-Net's): the segmentation probabilities of each window are averaged
+            over every combination of flips along these grid axes (``[0, 1, 2]``: 8 encoder passes per window;
+            ``[]``: off). Detection and classification read the unflipped pass. Validation during training never
+            mirrors (it only picks the best epoch); ``evaluate`` and ``predict`` do.
     """
 
     roi_size: tuple[int, int, int] | None = None
@@ -112,6 +116,7 @@ class InferenceConfig:
     score_threshold: float = 0.05
     nms_threshold: float = 0.1
     max_detections: int = 20
+    mirror_axes: tuple[int, ...] = ()
     segmentation_threshold: float = 0.5
 
 

@@ -106,12 +106,42 @@ def test_sliding_windows_agree_with_one_window():
     assert (whole == tiled).mean() > 0.995
 
 
+def test_mirroring_makes_segmentation_flip_equivariant():
+    """With mirror_axes = all three axes, the averaged probabilities of a flipped scan are the flipped probabilities
+    of the scan (exactly what averaging over the 8 flips promises); a random unmirrored network is not equivariant."""
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["FLAIR", "T1"], heads=["segmentation"],
+                     spacing=[2.0, 2.0, 2.0], encoder_kwargs={"channels": [4, 8, 8], "blocks": [1, 1, 1]},
+                     regions=REGIONS, labels=LABELS)
+    model = MultiTaskModel(spec)
+    image = torch.randn(2, 16, 12, 8)  # divisible by the encoder's size divisor: no padding breaks the symmetry
+    plain = Predictor(model, InferenceConfig(), "cpu")
+    mirrored = Predictor(model, InferenceConfig(mirror_axes=(0, 1, 2)), "cpu")
+    for axis in range(3):
+        flipped = torch.flip(image, [axis + 1])
+        expected = torch.flip(mirrored.predict_grid(image).region_probs, [axis + 1])
+        torch.testing.assert_close(mirrored.predict_grid(flipped).region_probs, expected, atol=1e-5, rtol=1e-4)
+        unmirrored = torch.flip(plain.predict_grid(image).region_probs, [axis + 1])
+        assert (plain.predict_grid(flipped).region_probs - unmirrored).abs().max() > 1e-3
+    for bad in [(3,), (0, 0)]:
+        with pytest.raises(ValueError, match="mirror_axes"):
+            Predictor(model, InferenceConfig(mirror_axes=bad), "cpu")
+
+
 @pytest.fixture(scope="module")
 def trained_run(synth_dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "run"
     assert main(["train", str(synth_dataset), "-c", "tiny", "-o", str(run), "-q",
                  "--set", "training.epochs=1", "--set", "training.iterations_per_epoch=2"]) == 0
     return run
+
+
+def test_inference_settings_of_a_run_can_be_overridden(trained_run):
+    assert Predictor.from_pretrained(trained_run).inference.mirror_axes == ()  # the tiny recipe does not mirror
+    predictor = Predictor.from_pretrained(trained_run, inference={"mirror_axes": [0, 2], "overlap": 0.5})
+    assert predictor.inference.mirror_axes == (0, 2) and predictor.inference.overlap == 0.5
+    with pytest.raises(ValueError, match="unknown key"):
+        Predictor.from_pretrained(trained_run, inference={"mirror": [0]})
 
 
 def test_boxes_in_world_coordinates_match_voxel_boxes(trained_run, synth_dataset):

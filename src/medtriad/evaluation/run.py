@@ -38,13 +38,14 @@ def split_cases(run: Path, cases: list[Case], split: str, dataset: Path | None =
 
 def evaluate_run(run: Path, dataset: Path, split: str = "val", device: str | None = None,
                  output: str | Path | None = None, checkpoint: str = "best",
-                 progress: bool = True) -> tuple[Path, dict[str, Any]]:
+                 progress: bool = True, inference: dict | None = None) -> tuple[Path, dict[str, Any]]:
     """Write ``per_case.csv`` and ``summary.json`` to ``output`` (default ``RUN/evaluation_<split>``).
 
     ``split="val"`` takes the validation cases recorded in the run's ``split.json``; ``"all"`` every case of
     ``dataset`` (for an external test set); another name, that split of the dataset's ``splits.json`` (``"test"``).
+    ``inference`` overrides the run's inference settings by key (``{"mirror_axes": []}``).
     """
-    predictor = Predictor.from_pretrained(run, device=device, checkpoint=checkpoint)
+    predictor = Predictor.from_pretrained(run, device=device, checkpoint=checkpoint, inference=inference)
     spec, cases = load_dataset(dataset)
     cases = split_cases(run, cases, split, Path(dataset))
     samples = (load_sample(c, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)

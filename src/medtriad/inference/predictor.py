@@ -15,6 +15,7 @@ the label whose region memberships are most probable; boxes come out in input vo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,13 +87,17 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
+        axes = list(self.inference.mirror_axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best",
-                        heatmaps: bool = False) -> "Predictor":
+                        heatmaps: bool = False, inference: dict | None = None) -> "Predictor":
         """Load from a run folder (``model.json``, ``config.yaml``, ``checkpoints/<checkpoint>``) or a checkpoint folder
-        that holds its own ``model.json``."""
+        that holds its own ``model.json``. ``inference`` overrides the run's inference settings by key (e.g.
+        ``{"mirror_axes": []}``)."""
         path = Path(path)
         if (path / "model.json").is_file() and (path / "checkpoints").is_dir():
             run, folder = path, path / "checkpoints" / checkpoint
@@ -102,7 +107,8 @@ class Predictor:
         if not spec_file.is_file():
             raise FileNotFoundError(f"no model.json in {path}: expected a run folder or a checkpoint folder")
         spec = ModelSpec.load(spec_file)
-        config = Config.load(run / "config.yaml") if (run / "config.yaml").is_file() else Config()
+        overrides = {f"inference.{key}": value for key, value in (inference or {}).items()}
+        config = Config.load(run / "config.yaml" if (run / "config.yaml").is_file() else None, overrides)
         model = build_model(spec, run)
         load_model_weights(model, load_weights(resolve_checkpoint(folder)))
         return cls(model, config.inference, device, heatmaps)
@@ -172,7 +178,7 @@ class Predictor:
             region = (slice(None), slice(None), *window)
             features = self.model.encoder(x[region])
             if seg is not None:
-                probs[(slice(None), *window)] += torch.sigmoid(seg(features)[0]) * weight_map
+                probs[(slice(None), *window)] += self._segment(x[region], features) * weight_map
                 weights[window] += weight_map
             if "detection" in heads:
                 det = heads["detection"](features, roi)[0]
@@ -200,6 +206,16 @@ class Predictor:
                 pooled = head.pool(torch.cat([s for s, _ in parts], 1), torch.cat([v for _, v in parts], 1))
                 out.class_probs[task] = self._class_probs(task, head.decode(task, pooled)[0])
         return out
+
+    def _segment(self, window: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """(R, ...) region probabilities of one window, averaged over its mirrored copies (``mirror_axes``)."""
+        seg = self.model.heads["segmentation"]
+        probs = torch.sigmoid(seg(features)[0])
+        axes = [a + 2 for a in self.inference.mirror_axes]
+        flips = [list(c) for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
+        for dims in flips:
+            probs += torch.sigmoid(torch.flip(seg(self.model.encoder(torch.flip(window, dims))), dims)[0])
+        return probs / (len(flips) + 1)
 
     def _padded_batch(self, image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """(C, X, Y, Z) -> a batch of one (1, C, *size) on the device, zero-padded at the end of each axis."""

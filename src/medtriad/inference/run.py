@@ -68,11 +68,12 @@ def discover_cases(inputs: list[Path], channel_names: list[str]) -> list[InputCa
 
 def predict_folder(model: str | Path, inputs: list[Path], out: Path, device: str | None = None, num_parts: int = 1,
                    part_id: int = 0, overwrite: bool = False, progress: bool = True,
-                   heatmaps: bool = False) -> list[tuple[str, str]]:
-    """Predict every case of this part; returns the failures as (case id, reason)."""
+                   heatmaps: bool = False, inference: dict | None = None) -> list[tuple[str, str]]:
+    """Predict every case of this part; returns the failures as (case id, reason). ``inference`` overrides the
+    model's inference settings by key (``{"mirror_axes": []}``)."""
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts} and {part_id}")
-    predictor = Predictor.from_pretrained(model, device=device, heatmaps=heatmaps)
+    predictor = Predictor.from_pretrained(model, device=device, heatmaps=heatmaps, inference=inference)
     spec = predictor.spec
     cases = discover_cases(inputs, spec.channel_names)[part_id::num_parts]
     out.mkdir(parents=True, exist_ok=True)
