@@ -109,6 +109,8 @@ class InferenceConfig:
             over every combination of flips along these grid axes (``[0, 1, 2]``: 8 encoder passes per window;
             ``[]``: off). Detection and classification read the unflipped pass. Validation during training never
             mirrors (it only picks the best epoch); ``evaluate`` and ``predict`` do.
+        segmentation_threshold: region probability above which a region counts as present when the label map is
+            decoded (see :func:`medtriad.inference.predictor.decode_labels`).
     """
 
     roi_size: tuple[int, int, int] | None = None

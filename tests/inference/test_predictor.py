@@ -30,6 +30,20 @@ def test_decode_labels_follows_the_brats_cascade():
     assert decode_labels(probs, REGIONS, LABELS)[:, 0, 0].tolist() == [0, 2, 1, 4, 4]
 
 
+def test_decode_threshold_moves_each_region_decision_point():
+    rng = np.random.default_rng(0)
+    probs = rng.random((1, 20, 20, 4)).astype(np.float32)
+    for t in (0.2, 0.5, 0.7):
+        mask = decode_labels(probs, {"lesion": [1]}, {"lesion": 1}, threshold=t)
+        np.testing.assert_array_equal(mask == 1, probs[0] > t)
+    nested = np.array([[0.4, 0.25, 0.05]], dtype=np.float32).T[:, :, None, None]  # WT, TC, ET probabilities
+    assert decode_labels(nested, REGIONS, LABELS)[0, 0, 0] == 0
+    assert decode_labels(nested, REGIONS, LABELS, threshold=0.3)[0, 0, 0] == 2  # WT only
+    assert decode_labels(nested, REGIONS, LABELS, threshold=0.2)[0, 0, 0] == 1  # WT and TC
+    with pytest.raises(ValueError, match="threshold"):
+        decode_labels(nested, REGIONS, LABELS, threshold=1.0)
+
+
 def _blob_model(spec_kwargs=None) -> Predictor:
     """A model whose segmentation output is a fixed function of the FLAIR intensity (bright = tumour), so that
     geometry can be tested without training: logits = 20 * (flair - 1) for every region."""

@@ -249,7 +249,8 @@ class Predictor:
         canon_shape = geometry.to_canonical(np.empty(geometry.shape, dtype=np.uint8)).shape
         if grid.region_probs is not None:
             probs = geometry.from_canonical(resample(grid.region_probs, canon_shape, "trilinear").numpy())
-            pred.mask = decode_labels(probs, self.spec.regions, self.spec.labels)
+            pred.mask = decode_labels(probs, self.spec.regions, self.spec.labels,
+                                      self.inference.segmentation_threshold)
         for task, heatmap in grid.heatmaps.items():
             pred.heatmaps[task] = geometry.from_canonical(resample(heatmap[None], canon_shape, "trilinear").numpy())[0]
         keep = grid.scores >= self.inference.score_threshold
@@ -290,21 +291,27 @@ class Predictor:
         return self.to_input_grid(case_id, geometry, self.predict_grid(image))
 
 
-def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], labels: dict[str, int]) -> np.ndarray:
+def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], labels: dict[str, int],
+                  threshold: float = 0.5) -> np.ndarray:
     """Most probable label per voxel given independent region probabilities.
 
     Each label (background included) implies a membership pattern over the regions (BraTS: edema 2 lies in WT only,
     necrosis 1 in WT and TC, enhancing 4 in all three); the label whose pattern has the highest likelihood under the
     predicted region probabilities wins. For nested regions this reduces to the usual BraTS thresholding cascade.
+    ``threshold`` moves the decision point of every region: memberships are scored as p / t against
+    (1 - p) / (1 - t), so a lone region is present exactly where p > t (0.5: plain likelihood).
 
     Args:
         region_probs: (R, X, Y, Z) probabilities in ``regions`` order.
+        threshold: probability above which a region counts as present, in (0, 1).
     Returns:
         (X, Y, Z) uint8/int16 label map.
     """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"segmentation threshold must lie in (0, 1), got {threshold}")
     eps = 1e-6
-    log_p = np.log(np.clip(region_probs, eps, 1.0)).astype(np.float32)
-    log_q = np.log(np.clip(1.0 - region_probs, eps, 1.0)).astype(np.float32)
+    log_p = (np.log(np.clip(region_probs, eps, 1.0)) - np.log(threshold)).astype(np.float32)
+    log_q = (np.log(np.clip(1.0 - region_probs, eps, 1.0)) - np.log(1.0 - threshold)).astype(np.float32)
     values = sorted(set(labels.values()) | {0})
     best = np.full(region_probs.shape[1:], -np.inf, dtype=np.float32)
     out = np.zeros(region_probs.shape[1:], dtype=np.uint8 if max(values) < 256 else np.int16)
