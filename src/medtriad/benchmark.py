@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from medtriad.config import Config
+from medtriad.evaluation.evaluate import headline_metrics
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
@@ -276,19 +277,6 @@ def measure_variants(specs: dict[str, ModelSpec], input_size: Sequence[int], dev
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The comparison's metrics from a validation summary: ``dice_<region>``, ``AP@0.10``, ``AUC_<task>``."""
-    out: dict[str, float] = {}
-    for key, stats in summary.get("segmentation", {}).items():
-        if key.startswith("dice_"):
-            out[key] = float(stats["mean"])
-    if "detection" in summary:
-        out["AP@0.10"] = float(summary["detection"].get("AP_IoU_0.10", math.nan))
-    for task, metrics in summary.get("classification", {}).items():
-        out[f"AUC_{task}"] = float(metrics.get("auc", metrics.get("macro_auc", math.nan)))
-    return out
-
-
 def variant_config(config: Config, heads: Sequence[str]) -> Config:
     """``config`` for a model with only ``heads``: fixed loss weights of the other heads' tasks are dropped (a
     single-task segmentation model keeps ``segmentation``'s weight; ``class:TASK`` weights go with classification)."""
@@ -307,7 +295,7 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
     """Train the multi-task model and each single-task model for ``minutes`` on the same fold.
 
     Returns per variant: the run folder, epochs done, training wall time, and the final epoch's validation metrics
-    (:func:`validation_metrics`; every run validates after its last epoch, so all four are scored at the budget's end).
+    (:func:`medtriad.evaluation.evaluate.headline_metrics`; every run validates after its last epoch, so all four are scored at the budget's end).
     """
     from medtriad.training.trainer import train
 
@@ -322,7 +310,7 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
         if sorted(spec.heads) != sorted(heads):
             raise ValueError(f"{name}: the dataset does not support heads {heads} (the trainer built {spec.heads})")
         results[name] = {"run": str(run), "epochs": result.epochs_done, "train_s": time.monotonic() - start,
-                         "best_score": result.best_score, "metrics": validation_metrics(result.summary)}
+                         "best_score": result.best_score, "metrics": headline_metrics(result.summary)}
     return results
 
 

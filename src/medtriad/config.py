@@ -105,10 +105,11 @@ class InferenceConfig:
         score_threshold: detection boxes below this score are dropped.
         nms_threshold: IoU above which overlapping boxes are suppressed (within and across windows).
         max_detections: boxes kept per case.
-        mirror_axes: test-time mirroring (nnU-Net's): the segmentation probabilities of each window are averaged
-            over every combination of flips along these grid axes (``[0, 1, 2]``: 8 encoder passes per window;
-            ``[]``: off). Detection and classification read the unflipped pass. Validation during training never
-            mirrors (it only picks the best epoch); ``evaluate`` and ``predict`` do.
+        mirror_axes: test-time mirroring (nnU-Net's): every combination of flips along these grid axes is one more
+            copy of each window (``[0]``: 2 encoder passes per window, ``[0, 1, 2]``: 8, ``[]``: off); each pass
+            feeds every head: segmentation probabilities are averaged, boxes flipped back and merged by NMS, the
+            classification pooling runs over the tokens of all copies. Validation during training never mirrors (it
+            only ranks epochs); ``evaluate`` and ``predict`` do.
         segmentation_threshold: region probability above which a region counts as present when the label map is
             decoded (see :func:`medtriad.inference.predictor.decode_labels`).
     """

@@ -12,7 +12,7 @@ from medtriad.config import InferenceConfig
 from medtriad.data.boxes import voxel_box_to_world
 from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, read_channels
-from medtriad.inference.predictor import Predictor, decode_labels
+from medtriad.inference.predictor import Predictor, decode_labels, unflip_boxes
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
@@ -120,26 +120,48 @@ def test_sliding_windows_agree_with_one_window():
     assert (whole == tiled).mean() > 0.995
 
 
-def test_mirroring_makes_segmentation_flip_equivariant():
-    """With mirror_axes = all three axes, the averaged probabilities of a flipped scan are the flipped probabilities
-    of the scan (exactly what averaging over the 8 flips promises); a random unmirrored network is not equivariant."""
+def test_mirroring_makes_every_head_flip_equivariant():
+    """With mirror_axes = all three axes, a flipped scan runs the encoder on exactly the same 8 copies as the scan
+    itself, so its outputs must be the flipped outputs: region probabilities flipped, boxes flipped, class
+    probabilities unchanged. A random unmirrored network is not equivariant, so the test can fail."""
     torch.manual_seed(0)
-    spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["FLAIR", "T1"], heads=["segmentation"],
-                     spacing=[2.0, 2.0, 2.0], encoder_kwargs={"channels": [4, 8, 8], "blocks": [1, 1, 1]},
-                     regions=REGIONS, labels=LABELS)
+    spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["FLAIR", "T1"],
+                     heads=["segmentation", "detection", "classification"], spacing=[2.0, 2.0, 2.0],
+                     encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]}, regions=REGIONS, labels=LABELS,
+                     tasks={"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}},
+                     detection={"anchor_shapes": [[3, 3, 3], [5, 4, 4]]})
     model = MultiTaskModel(spec)
-    image = torch.randn(2, 16, 12, 8)  # divisible by the encoder's size divisor: no padding breaks the symmetry
-    plain = Predictor(model, InferenceConfig(), "cpu")
-    mirrored = Predictor(model, InferenceConfig(mirror_axes=(0, 1, 2)), "cpu")
+    model.heads["detection"].detector.set_box_selector_parameters(  # untrained scores sit near the 0.01 prior
+        score_thresh=0.0, topk_candidates_per_level=1000, nms_thresh=0.1, detections_per_img=20)
+    image = torch.randn(2, 32, 16, 16)  # divisible by the encoder's size divisor: no padding breaks the symmetry
+    plain = Predictor(model, InferenceConfig(score_threshold=0.0), "cpu")
+    mirrored = Predictor(model, InferenceConfig(mirror_axes=(0, 1, 2), score_threshold=0.0), "cpu")
+    reference = mirrored.predict_grid(image)
+    assert len(reference.boxes) > 0
     for axis in range(3):
-        flipped = torch.flip(image, [axis + 1])
-        expected = torch.flip(mirrored.predict_grid(image).region_probs, [axis + 1])
-        torch.testing.assert_close(mirrored.predict_grid(flipped).region_probs, expected, atol=1e-5, rtol=1e-4)
+        flipped = mirrored.predict_grid(torch.flip(image, [axis + 1]))
+        torch.testing.assert_close(flipped.region_probs, torch.flip(reference.region_probs, [axis + 1]),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(flipped.class_probs["grade"], reference.class_probs["grade"], atol=1e-5, rtol=1e-4)
+        expected = unflip_boxes(reference.boxes, [axis], image.shape[1:])  # flipping is its own inverse
+        order, expected_order = torch.argsort(flipped.scores), torch.argsort(reference.scores)
+        torch.testing.assert_close(flipped.boxes[order], expected[expected_order], atol=1e-4, rtol=1e-4)
         unmirrored = torch.flip(plain.predict_grid(image).region_probs, [axis + 1])
-        assert (plain.predict_grid(flipped).region_probs - unmirrored).abs().max() > 1e-3
+        assert (plain.predict_grid(torch.flip(image, [axis + 1])).region_probs - unmirrored).abs().max() > 1e-3
     for bad in [(3,), (0, 0)]:
         with pytest.raises(ValueError, match="mirror_axes"):
             Predictor(model, InferenceConfig(mirror_axes=bad), "cpu")
+
+
+def test_unflip_boxes_matches_the_box_of_the_unflipped_mask():
+    mask = np.zeros((10, 12, 7), dtype=bool)
+    mask[2:5, 7:11, 1:3] = True
+    def box(m):
+        idx = np.argwhere(m)
+        return torch.tensor([[*idx.min(0), *(idx.max(0) + 1)]], dtype=torch.float32)  # half-open edges
+    for axes in ([0], [1, 2], [0, 1, 2]):
+        flipped_box = box(np.flip(mask, axes))
+        torch.testing.assert_close(unflip_boxes(flipped_box, axes, mask.shape), box(mask))
 
 
 @pytest.fixture(scope="module")

@@ -119,19 +119,28 @@ def _targets(targets: list, kind: str) -> np.ndarray:
     return np.asarray(targets, dtype=float)
 
 
-def selection_score(summary: dict[str, Any], regions: list[str]) -> float:
-    """One number to pick the best epoch: the mean of the available task scores (mean Dice over regions,
-    AP at IoU 0.10, and each task's AUC); undefined parts (NaN) are left out."""
-    parts = []
-    seg = summary.get("segmentation", {})
-    dice = [seg[f"dice_{r}"]["mean"] for r in regions if f"dice_{r}" in seg]
-    if dice:
-        parts.append(float(np.mean(dice)))
+def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The few numbers a summary is judged by: mean ``dice_<region>``, ``AP@0.10`` and ``AUC_<task>`` (macro AUC for
+    multi-label tasks); NaN where undefined."""
+    out: dict[str, float] = {}
+    for key, stats in summary.get("segmentation", {}).items():
+        if key.startswith("dice_"):
+            out[key] = float(stats["mean"])
     if "detection" in summary:
-        parts.append(summary["detection"].get("AP_IoU_0.10", math.nan))
-    for metrics in summary.get("classification", {}).values():
-        parts.append(metrics.get("auc", metrics.get("macro_auc", math.nan)))
-    parts = [p for p in parts if p is not None and np.isfinite(p)]
+        out["AP@0.10"] = float(summary["detection"].get("AP_IoU_0.10", math.nan))
+    for task, metrics in summary.get("classification", {}).items():
+        out[f"AUC_{task}"] = float(metrics.get("auc", metrics.get("macro_auc", math.nan)))
+    return out
+
+
+def selection_score(summary: dict[str, Any], regions: list[str]) -> float:
+    """One number to pick the best epoch: the mean of the available task scores (mean Dice over ``regions``,
+    AP at IoU 0.10, and each task's AUC); undefined parts (NaN) are left out."""
+    headline = headline_metrics(summary)
+    dice = [headline[f"dice_{r}"] for r in regions if f"dice_{r}" in headline]
+    parts = [float(np.mean(dice))] if dice else []
+    parts += [v for k, v in headline.items() if k == "AP@0.10" or k.startswith("AUC_")]
+    parts = [p for p in parts if np.isfinite(p)]
     return float(np.mean(parts)) if parts else math.nan
 
 

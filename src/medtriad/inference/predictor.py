@@ -5,7 +5,9 @@ window; otherwise Gaussian-weighted sliding windows (MONAI's ``dense_patch_slice
 Per window the encoder runs once; the segmentation head's probabilities are blended, the detection head's boxes are
 shifted into volume coordinates and merged by NMS, and the classification head's attention tokens are gathered so
 that the case-level attention pooling runs over the tokens of all windows at once (the same pooling as one window
-holding the whole volume).
+holding the whole volume). Test-time mirroring (``inference.mirror_axes``) treats each mirrored copy of a window as
+one more window: one encoder pass per copy feeds every head, probabilities and boxes are flipped back, and the
+pooling and NMS run over all copies.
 
 Outputs are mapped back through :class:`medtriad.data.transforms.Geometry`: region probabilities are resampled to
 the input grid and decoded into the training label convention (BraTS 0/1/2/4 stays 0/1/2/4) by choosing, per voxel,
@@ -161,9 +163,7 @@ class Predictor:
         div = self.model.size_divisible
         shape = tuple(image.shape[1:])
         roi = self.inference.roi_size
-        if roi is None:
-            roi = tuple(int(np.ceil(s / div) * div) for s in shape)
-        roi = tuple(int(np.ceil(r / div) * div) for r in roi)
+        roi = round_up(shape if roi is None else roi, div)
         padded_shape = tuple(max(s, r) for s, r in zip(shape, roi))
         x = self._padded_batch(image, padded_shape)
         roi = get_valid_patch_size(padded_shape, roi)
@@ -174,26 +174,32 @@ class Predictor:
         probs = torch.zeros((len(self.spec.regions), *padded_shape), device=self.device) if seg else None
         weights = torch.zeros(padded_shape, device=self.device) if seg else None
         boxes, scores, tokens = [], [], {}
+        axes = [a + 2 for a in self.inference.mirror_axes]
+        flips = [list(c) for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]  # [] first
         for window in slices:
             region = (slice(None), slice(None), *window)
-            features = self.model.encoder(x[region])
-            if seg is not None:
-                probs[(slice(None), *window)] += self._segment(x[region], features) * weight_map
-                weights[window] += weight_map
-            if "detection" in heads:
-                det = heads["detection"](features, roi)[0]
-                offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
-                boxes.append(det["boxes"].float() + offset)
-                scores.append(det["labels_scores"].float())
-            if "classification" in heads:
-                for task, (s, v) in heads["classification"].encode(features).items():
-                    tokens.setdefault(task, []).append((s, v))
+            for dims in flips:  # one encoder pass per window and mirrored copy feeds every head
+                features = self.model.encoder(torch.flip(x[region], dims) if dims else x[region])
+                if seg is not None:
+                    window_probs = torch.sigmoid(seg(features))
+                    window_probs = torch.flip(window_probs, dims) if dims else window_probs
+                    probs[(slice(None), *window)] += window_probs[0] * weight_map
+                    weights[window] += weight_map
+                if "detection" in heads:
+                    det = heads["detection"](features, roi)[0]
+                    found = unflip_boxes(det["boxes"].float(), [d - 2 for d in dims], roi)
+                    offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
+                    boxes.append(found + offset)
+                    scores.append(det["labels_scores"].float())
+                if "classification" in heads:
+                    for task, (s, v) in heads["classification"].encode(features).items():
+                        tokens.setdefault(task, []).append((s, v))
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
         if seg is not None:
             out.region_probs = (probs / weights.clamp_min(1e-6))[:, : shape[0], : shape[1], : shape[2]].cpu()
         if boxes:
             all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
-            if len(slices) > 1 and len(all_boxes):
+            if len(slices) * len(flips) > 1 and len(all_boxes):
                 keep = non_max_suppression(all_boxes, all_scores, self.inference.nms_threshold,
                                            max_proposals=self.inference.max_detections)
                 all_boxes, all_scores = all_boxes[keep], all_scores[keep]
@@ -206,16 +212,6 @@ class Predictor:
                 pooled = head.pool(torch.cat([s for s, _ in parts], 1), torch.cat([v for _, v in parts], 1))
                 out.class_probs[task] = self._class_probs(task, head.decode(task, pooled)[0])
         return out
-
-    def _segment(self, window: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        """(R, ...) region probabilities of one window, averaged over its mirrored copies (``mirror_axes``)."""
-        seg = self.model.heads["segmentation"]
-        probs = torch.sigmoid(seg(features)[0])
-        axes = [a + 2 for a in self.inference.mirror_axes]
-        flips = [list(c) for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
-        for dims in flips:
-            probs += torch.sigmoid(torch.flip(seg(self.model.encoder(torch.flip(window, dims))), dims)[0])
-        return probs / (len(flips) + 1)
 
     def _padded_batch(self, image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """(C, X, Y, Z) -> a batch of one (1, C, *size) on the device, zero-padded at the end of each axis."""
@@ -230,9 +226,8 @@ class Predictor:
     def _predict_plugins(self, image: torch.Tensor) -> GridOutput:
         """A slice-plugin model (encoder "slice2d") reads the whole volume: one pass per slice and view, every task's
         slice pooling over all slices (sliding windows would split the slice stack the pooling attends over)."""
-        div = self.model.size_divisible
         shape = tuple(image.shape[1:])
-        padded = tuple(int(np.ceil(s / div) * div) for s in shape)
+        padded = round_up(shape, self.model.size_divisible)
         x = self._padded_batch(image, padded)
         result = self.model(x, aux=False, need_weights=self.heatmaps)  # one pass gives logits and attention
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
@@ -289,6 +284,19 @@ class Predictor:
         image, _, geometry = preprocess_images(channels, affine, self.spec.spacing, case_id,
                                                     self.spec.normalization)
         return self.to_input_grid(case_id, geometry, self.predict_grid(image))
+
+
+def unflip_boxes(boxes: torch.Tensor, axes: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """(N, 6) xyzxyz boxes found in a copy mirrored along ``axes`` of a window of ``size`` -> boxes in the window."""
+    out = boxes.clone()
+    for a in axes:
+        out[:, a], out[:, a + 3] = size[a] - boxes[:, a + 3], size[a] - boxes[:, a]
+    return out
+
+
+def round_up(sizes: Sequence[int], divisor: int) -> tuple[int, ...]:
+    """Each size rounded up to a multiple of ``divisor`` (the encoder's size divisor)."""
+    return tuple(int(np.ceil(n / divisor) * divisor) for n in sizes)
 
 
 def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], labels: dict[str, int],

@@ -46,7 +46,7 @@ from medtriad.data.boxes import boxes_from_instances
 from medtriad.data.check import check_dataset, format_problems
 from medtriad.data.layout import Case, DatasetSpec, load_dataset, read_splits
 from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
-from medtriad.evaluation.evaluate import score_case, summarize_scores
+from medtriad.evaluation.evaluate import headline_metrics, score_case, summarize_scores
 from medtriad.inference.predictor import Predictor, pick_device
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
@@ -493,16 +493,9 @@ class Trainer:
 def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch'] + 1}", f"{record['elapsed_s'] / 60:.1f} min"]
     parts += [f"{k}={v:.3f}" for k, v in record["losses"].items()]
-    val = record["validation"]
-    for key, stats in val.get("segmentation", {}).items():
-        if key.startswith("dice_"):
-            parts.append(f"{key}={stats['mean']:.3f}")
-    if "detection" in val:
-        parts.append(f"AP@0.10={val['detection'].get('AP_IoU_0.10', math.nan):.3f}")
-    for task, metrics in val.get("classification", {}).items():
-        parts.append(f"AUC_{task}={metrics.get('auc', metrics.get('macro_auc', math.nan)):.3f}")
-    if "score" in val:
-        parts.append(f"score={val['score']:.3f}")
+    parts += [f"{k}={v:.3f}" for k, v in headline_metrics(record["validation"]).items()]
+    if "score" in record["validation"]:
+        parts.append(f"score={record['validation']['score']:.3f}")
     return " ".join(parts)
 
 
