@@ -295,7 +295,8 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
     """Train the multi-task model and each single-task model for ``minutes`` on the same fold.
 
     Returns per variant: the run folder, epochs done, training wall time, and the final epoch's validation metrics
-    (:func:`medtriad.evaluation.evaluate.headline_metrics`; every run validates after its last epoch, so all four are scored at the budget's end).
+    (:func:`medtriad.evaluation.evaluate.headline_metrics`; every run validates after its last epoch, so all four
+    are scored at the budget's end).
     """
     from medtriad.training.trainer import train
 

@@ -109,7 +109,7 @@ class InferenceConfig:
             copy of each window (``[0]``: 2 encoder passes per window, ``[0, 1, 2]``: 8, ``[]``: off); each pass
             feeds every head: segmentation probabilities are averaged, boxes flipped back and merged by NMS, the
             classification pooling runs over the tokens of all copies. Validation during training never mirrors (it
-            only ranks epochs); ``evaluate`` and ``predict`` do.
+            only ranks epochs); ``evaluate`` and ``predict`` do. Slice-plugin (slice2d) models do not mirror.
         segmentation_threshold: region probability above which a region counts as present when the label map is
             decoded (see :func:`medtriad.inference.predictor.decode_labels`).
     """

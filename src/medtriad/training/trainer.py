@@ -309,8 +309,8 @@ class Trainer:
             fg.append(has_tumour)
             for task in classes:
                 classes[task].append(s.classes.get(task) if has_tumour else None)
-        return {"image": torch.stack(images).to(self.device, memory_format=torch.channels_last_3d), "regions": torch.stack(regions).to(self.device),
-                "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()},
+        return {"image": torch.stack(images).to(self.device, memory_format=torch.channels_last_3d),
+                "regions": torch.stack(regions).to(self.device), "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()},
                 "has_mask": has_mask}
 
     def _class_targets(self, task: str, values: list) -> torch.Tensor:
