@@ -122,6 +122,12 @@ class InferenceConfig:
     mirror_axes: tuple[int, ...] = ()
     segmentation_threshold: float = 0.5
 
+    def __post_init__(self) -> None:
+        # checked when the config is read, not when a trained run is first evaluated
+        axes = list(self.mirror_axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")
+
 
 @dataclass
 class Config:

@@ -89,9 +89,6 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
-        axes = list(self.inference.mirror_axes)
-        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
-            raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
 
     @classmethod
@@ -174,11 +171,12 @@ class Predictor:
         probs = torch.zeros((len(self.spec.regions), *padded_shape), device=self.device) if seg else None
         weights = torch.zeros(padded_shape, device=self.device) if seg else None
         boxes, scores, tokens = [], [], {}
-        axes = [a + 2 for a in self.inference.mirror_axes]
+        axes = self.inference.mirror_axes
         flips = [list(c) for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]  # [] first
         for window in slices:
             region = (slice(None), slice(None), *window)
-            for dims in flips:  # one encoder pass per window and mirrored copy feeds every head
+            for flipped in flips:  # one encoder pass per window and mirrored copy feeds every head
+                dims = [a + 2 for a in flipped]  # grid axes -> batch tensor dims
                 features = self.model.encoder(torch.flip(x[region], dims) if dims else x[region])
                 if seg is not None:
                     window_probs = torch.sigmoid(seg(features))
@@ -187,7 +185,7 @@ class Predictor:
                     weights[window] += weight_map
                 if "detection" in heads:
                     det = heads["detection"](features, roi)[0]
-                    found = unflip_boxes(det["boxes"].float(), [d - 2 for d in dims], roi)
+                    found = unflip_boxes(det["boxes"].float(), flipped, roi)
                     offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
                     boxes.append(found + offset)
                     scores.append(det["labels_scores"].float())

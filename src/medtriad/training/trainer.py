@@ -310,8 +310,8 @@ class Trainer:
             for task in classes:
                 classes[task].append(s.classes.get(task) if has_tumour else None)
         return {"image": torch.stack(images).to(self.device, memory_format=torch.channels_last_3d),
-                "regions": torch.stack(regions).to(self.device), "boxes": boxes, "classes": {t: self._class_targets(t, v) for t, v in classes.items()},
-                "has_mask": has_mask}
+                "regions": torch.stack(regions).to(self.device), "boxes": boxes,
+                "classes": {t: self._class_targets(t, v) for t, v in classes.items()}, "has_mask": has_mask}
 
     def _class_targets(self, task: str, values: list) -> torch.Tensor:
         """Per-sample targets -> a tensor with -1 where unknown: (B,) indices, or (B, L) 0/1 for multilabel."""
