@@ -34,7 +34,7 @@ def test_unknown_keys_and_files_are_named(tmp_path):
 
 
 def test_bad_mirror_axes_fail_when_the_config_is_read():
-    assert Config.load("demo-cpu").inference.mirror_axes == (0, 1, 2)
+    assert Config.load("brats-swin").inference.mirror_axes == (0, 1, 2)
     for bad in ([3], [0, 0]):
         with pytest.raises(ValueError, match="mirror_axes"):
             Config.load("tiny", {"inference.mirror_axes": bad})

@@ -28,6 +28,23 @@ def test_segmentation_logits_at_input_resolution(name):
     assert logits.shape == (1, 3, *x.shape[2:])
 
 
+def test_segmentation_head_starts_at_the_prior():
+    """The output bias is logit(prior): a fresh head says 'background' almost everywhere, not p = 0.5."""
+    encoder, x = encoder_and_input("resenc")
+    with torch.no_grad():
+        features = encoder(x)
+        for prior in (0.01, 0.5):
+            head = SegmentationHead(encoder.feature_info, num_outputs=2, prior=prior)
+            assert torch.allclose(head.out.conv.conv.bias, torch.logit(torch.tensor(prior)))
+            median = torch.sigmoid(head(features)).median().item()
+            assert prior / 3 < median < min(3 * prior, 0.7)
+    with pytest.raises(ValueError, match="prior"):
+        SegmentationHead(encoder.feature_info, num_outputs=2, prior=0.0)
+    torch.manual_seed(0)
+    default_init = SegmentationHead(encoder.feature_info, num_outputs=2, prior=None).out.conv.conv.bias
+    assert default_init.abs().max() < 1 and len(set(default_init.tolist())) == 2  # PyTorch's small random bias
+
+
 def test_segmentation_custom_channels_and_coarse_finest_level():
     # An encoder whose finest level has stride 2 (no full-resolution map) and decoder channels unlike its own.
     info = [FeatureInfo(6, 2), FeatureInfo(10, 4), FeatureInfo(20, 16)]
