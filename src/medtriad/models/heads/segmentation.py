@@ -32,9 +32,10 @@ class SegmentationHead(nn.Module):
             where they differ, the level's skip features are projected by a 1x1x1 conv before concatenation.
         prior: the probability every region starts at. The output bias is set to ``logit(prior)``, RetinaNet's prior
             initialisation (Lin et al., ICCV 2017): a lesion fills a few per cent of a patch, and a head starting at
-            p = 0.5 spends hundreds of steps lowering the background. On the demo's synthetic data a zero bias left
-            p ~ 0.5 everywhere after 150 steps (soft Dice loss on WT 0.93); with ``logit(0.01)`` it was 0.56
-            (docs/benchmarks.md, issue 3). ``None`` keeps PyTorch's default initialisation (a small random bias).
+            p = 0.5 spends hundreds of steps lowering the background. On the demo's synthetic data PyTorch's default
+            (near-zero) bias left the background at p ~ 0.46 after 150 steps (soft Dice loss on WT 0.93); with
+            ``logit(0.01)`` that loss was 0.56 (docs/benchmarks.md, issue 3). ``None`` keeps PyTorch's default
+            initialisation (a small random bias).
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_outputs: int,
