@@ -127,7 +127,8 @@ def test_mirroring_makes_every_head_flip_equivariant():
     torch.manual_seed(0)
     spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["FLAIR", "T1"],
                      heads=["segmentation", "detection", "classification"], spacing=[2.0, 2.0, 2.0],
-                     encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]}, regions=REGIONS, labels=LABELS,
+                     encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]},
+                     regions=REGIONS, labels=LABELS,
                      tasks={"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}},
                      detection={"anchor_shapes": [[3, 3, 3], [5, 4, 4]]})
     model = MultiTaskModel(spec)

@@ -175,6 +175,7 @@ class Predictor:
         flips = [list(c) for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]  # [] first
         for window in slices:
             region = (slice(None), slice(None), *window)
+            offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
             for flipped in flips:  # one encoder pass per window and mirrored copy feeds every head
                 dims = [a + 2 for a in flipped]  # grid axes -> batch tensor dims
                 features = self.model.encoder(torch.flip(x[region], dims) if dims else x[region])
@@ -185,9 +186,7 @@ class Predictor:
                     weights[window] += weight_map
                 if "detection" in heads:
                     det = heads["detection"](features, roi)[0]
-                    found = unflip_boxes(det["boxes"].float(), flipped, roi)
-                    offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
-                    boxes.append(found + offset)
+                    boxes.append(unflip_boxes(det["boxes"].float(), flipped, roi) + offset)
                     scores.append(det["labels_scores"].float())
                 if "classification" in heads:
                     for task, (s, v) in heads["classification"].encode(features).items():
