@@ -38,3 +38,10 @@ def test_bad_mirror_axes_fail_when_the_config_is_read():
     for bad in ([3], [0, 0]):
         with pytest.raises(ValueError, match="mirror_axes"):
             Config.load("tiny", {"inference.mirror_axes": bad})
+
+
+def test_bad_ema_decay_fails_when_the_config_is_read():
+    assert Config.load("tiny", {"training.ema_decay": 0.99}).training.ema_decay == 0.99
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="ema_decay"):
+            Config.load("tiny", {"training.ema_decay": bad})

@@ -76,6 +76,9 @@ class TrainingConfig:
         loss_weights: task -> weight for ``fixed`` (missing tasks weigh 1).
         num_folds: k of the stratified k-fold split; ``--fold K`` picks the validation fold.
         accumulate: gradient accumulation steps.
+        ema_decay: 0 = off; otherwise an exponential moving average of the weights with this decay per step (timm's
+            model EMA, built on PyTorch's ``AveragedModel``; batch-norm statistics averaged too) is what validation
+            scores and what the checkpoints hold as the model; the raw training weights ride along for ``--resume``.
     """
 
     epochs: int = 50
@@ -93,6 +96,11 @@ class TrainingConfig:
     accumulate: int = 1
     num_threads: int = 0
     validate_every: int = 1
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"training.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass

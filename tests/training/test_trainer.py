@@ -46,10 +46,11 @@ def test_end_to_end_on_real_brats(brats2018, tmp_path):
     assert auc in (0.0, 1.0)  # one LGG and one HGG case: the ranking is either right or wrong
 
 
-def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_decay):
     """A run interrupted after its first epoch and resumed with --resume ends with the same weights as a run
-    that was never interrupted (same optimizer, scheduler, RNG and patch draws)."""
-    config = Config.load("tiny", TINY)
+    that was never interrupted (same optimizer, scheduler, RNG and patch draws; with EMA, the same average too)."""
+    config = Config.load("tiny", {**TINY, "training.ema_decay": ema_decay})
     straight = train(synth_dataset, config, tmp_path / "a", progress=False)
     assert straight.epochs_done == 2
 
@@ -75,6 +76,31 @@ def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch):
     state = load_state(run / "checkpoints" / "last")
     assert state["step"] == 4 and state["epoch"] == 1
     assert [r["epoch"] for r in state["history"]] == [0, 1]
+
+
+def test_ema_checkpoint_holds_the_average(synth_dataset, tmp_path, monkeypatch):
+    """With training.ema_decay the checkpoint's model weights are the exponential moving average of the trained
+    weights (the first update copies, then ema = d * ema + (1 - d) * w), the raw weights ride along as `train.*`,
+    and evaluation loads the average."""
+    decay = 0.75
+    seen = []
+    original = Trainer._weights
+    monkeypatch.setattr(Trainer, "_weights", lambda self: seen.append(
+        {k: v.clone() for k, v in original(self).items()}) or seen[-1])
+    run = tmp_path / "run"
+    config = Config.load("tiny", {**TINY, "training.iterations_per_epoch": 1, "training.ema_decay": decay})
+    train(synth_dataset, config, run, progress=False)
+    first, second = seen[0], seen[-1]  # after step 1 (epoch 1) and after step 2 (epoch 2)
+    floats = [k for k in second if not k.startswith(("train.", "balancer.")) and second[k].is_floating_point()]
+    assert floats and all(f"train.{k}" in second for k in floats)
+    for k in floats:
+        torch.testing.assert_close(first[k], first[f"train.{k}"], msg=k)  # the first update copies
+        expected = decay * first[f"train.{k}"] + (1 - decay) * second[f"train.{k}"]
+        torch.testing.assert_close(second[k], expected, rtol=1e-5, atol=1e-6, msg=k)
+    moved = [k for k in floats if not torch.equal(second[k], second[f"train.{k}"])]
+    assert moved, "the average equals the trained weights: no averaging happened"
+    assert load_state(run / "checkpoints" / "last")["ema_updates"] == 2
+    assert main(["evaluate", str(run), str(synth_dataset), "--checkpoint", "last", "-q"]) == 0
 
 
 def test_interrupted_checkpoint_swap_keeps_last_good(synth_dataset, tmp_path):

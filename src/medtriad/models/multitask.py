@@ -144,8 +144,9 @@ def model_weights(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_model_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """Inverse of :func:`model_weights`; entries of other owners (``balancer.``) are ignored."""
-    weights = {k: v for k, v in weights.items() if not k.startswith("balancer.")}
+    """Inverse of :func:`model_weights`; entries of other owners (``balancer.``, the raw ``train.`` weights of an
+    EMA run) are ignored."""
+    weights = {k: v for k, v in weights.items() if not k.startswith(("balancer.", "train."))}
     loader = getattr(model, "load_trainable_state_dict", None)
     if loader is not None:
         loader(weights)

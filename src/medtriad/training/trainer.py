@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from medtriad.checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
@@ -147,6 +148,9 @@ class Trainer:
         else:  # channels-last 3D memory is ~10 % faster for oneDNN 3D convolutions on CPU
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.network: torch.nn.Module = self.model
+        # timm-style model EMA: a copy whose weights trail the trained ones; it is what gets validated and saved
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.training.ema_decay),
+                                 use_buffers=True) if cfg.training.ema_decay else None
         if self.world > 1:  # gradients averaged across ranks by PyTorch's DistributedDataParallel
             self.network = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -347,8 +351,14 @@ class Trainer:
         return losses, losses_tail
 
     # ------------------------------------------------------------------ state
+    def _scored_model(self) -> torch.nn.Module:
+        """The weights validation scores and checkpoints hold as the model: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _weights(self) -> dict[str, torch.Tensor]:
-        weights = model_weights(self.model)
+        weights = model_weights(self._scored_model())
+        if self.ema is not None:  # the raw weights go on training after --resume
+            weights.update({f"train.{k}": v for k, v in model_weights(self.model).items()})
         weights.update({f"balancer.{k}": v for k, v in self.balancer.state_dict().items()})
         return weights
 
@@ -356,6 +366,7 @@ class Trainer:
         state = {"epoch": epoch, "step": step, "elapsed_s": elapsed, "best_score": best, "history": history,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "balancer_extra": getattr(self.balancer, "extra_state", lambda: {})(),
+                 "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
                  "rng": {"torch": torch.get_rng_state(), "numpy": list(_numpy_state()),
                          "python": _python_state()}}
         folder = save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state)
@@ -367,7 +378,7 @@ class Trainer:
         """Each task's plugin alone in ``RUN/plugins/<task>.safetensors`` (a few MB, loadable onto any copy of the
         backbone beside other tasks' plugins; see medtriad.inference.predictor.Predictor.from_plugins)."""
         spec = self.model_spec
-        for task, plugin in self.model.plugins.items():
+        for task, plugin in self._scored_model().plugins.items():
             extra = {"task": spec.tasks[task], "spacing": spec.spacing, "normalization": spec.normalization,
                      "channel_names": spec.channel_names,
                      "encoder_kwargs": {k: v for k, v in spec.encoder_kwargs.items() if k != "weights"}}
@@ -376,10 +387,15 @@ class Trainer:
     def _restore(self) -> dict[str, Any]:
         folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
         weights = load_weights(folder, self.device)
+        if self.ema is not None:
+            load_model_weights(self.ema.module, weights)
+            weights = {k[len("train."):]: v for k, v in weights.items() if k.startswith("train.")}
         load_model_weights(self.model, weights)
         self.balancer.load_state_dict({k[len("balancer."):]: v for k, v in weights.items()
                                        if k.startswith("balancer.")})
         state = load_state(folder)
+        if self.ema is not None:
+            self.ema.n_averaged.fill_(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if hasattr(self.balancer, "load_extra_state"):
@@ -447,6 +463,8 @@ class Trainer:
                 self.scaler.update()
                 self.scheduler.step()
                 self.balancer.after_step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
                 step += 1
                 bar.set_postfix({k.split(":")[-1][:6]: f"{np.mean(v[-10:]):.3f}" for k, v in sums.items()})
                 if out_of_time():
@@ -456,7 +474,7 @@ class Trainer:
                                       "loss_weights": self.balancer.weights()}
             last_epoch = epoch + 1 == cfg.training.epochs or out_of_time()
             if (epoch + 1) % cfg.training.validate_every == 0 or last_epoch:
-                predictor = Predictor(self.model, dataclasses.replace(cfg.inference, mirror_axes=()),
+                predictor = Predictor(self._scored_model(), dataclasses.replace(cfg.inference, mirror_axes=()),
                                       str(self.device))  # no mirroring: it only ranks epochs
                 mine = [score_case(predictor, s)[0] for s in tqdm(self.val_samples, desc="validate", unit="case",
                                                                    disable=not self.progress, leave=False)]
