@@ -5,7 +5,8 @@ Run folder::
     config.yaml          the fully resolved config
     model.json           how to rebuild the model (encoder, heads, regions, labels, tasks, anchor shapes)
     split.json           the stratified k-fold split and the fold used
-    checkpoints/last     every epoch (safetensors + JSON, atomic; see medtriad.checkpoint)
+    checkpoints/last     every epoch (safetensors + JSON, atomic; see medtriad.checkpoint); with training.ema_decay
+                         the model weights are the EMA's and the trained weights are kept as ``train.*``
     checkpoints/best     the epoch with the best validation score
     history.json         losses, loss weights and validation metrics per epoch
     progress.png         the same as curves, redrawn every epoch
