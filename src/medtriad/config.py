@@ -29,6 +29,7 @@ class DataConfig:
         min_patch_box_voxels: a box cut by the patch border is kept while at least this many of its voxels remain.
         normalization: per-channel intensity normalisation, ``nonzero`` (z-score on non-zero voxels: skull-stripped
             MRI), ``all`` (z-score on all voxels) or ``none``.
+        zoom_prob: chance of a random zoom (scale 0.85-1.15) per training patch; 0 = no scaling augmentation.
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -36,6 +37,7 @@ class DataConfig:
     foreground_ratio: float = 0.67
     min_patch_box_voxels: int = 8
     normalization: str = "nonzero"
+    zoom_prob: float = 0.3
 
 
 @dataclass

@@ -225,8 +225,11 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     return sample
 
 
-def training_transforms(patch_size: Sequence[int], foreground_ratio: float) -> Compose:
+def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float = 0.3) -> Compose:
     """Patch sampling and augmentation over keys ``image``, ``regions``, ``instances``.
+
+    ``zoom_prob`` is the chance of a random zoom (0.85-1.15) per patch; 0 switches scaling off, for data whose
+    object size is the signal.
 
     Expects ``foreground`` (1, X, Y, Z) for the positive/negative crop and a volume at least ``patch_size`` large
     (see :func:`pad_to`). Rotations are in the x-y plane only, so non-cubic patches keep their shape when x == y.
@@ -238,7 +241,7 @@ def training_transforms(patch_size: Sequence[int], foreground_ratio: float) -> C
         RandFlipd(keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys, prob=0.5, spatial_axis=2),
-        RandZoomd(keys, prob=0.3, min_zoom=0.85, max_zoom=1.15, mode=("trilinear", "nearest", "nearest"),
+        RandZoomd(keys, prob=zoom_prob, min_zoom=0.85, max_zoom=1.15, mode=("trilinear", "nearest", "nearest"),
                   keep_size=True),
     ]
     if patch_size[0] == patch_size[1]:
