@@ -50,7 +50,9 @@ def test_end_to_end_on_real_brats(brats2018, tmp_path):
 def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_decay):
     """A run interrupted after its first epoch and resumed with --resume ends with the same weights as a run
     that was never interrupted (same optimizer, scheduler, RNG and patch draws; with EMA, the same average too)."""
-    config = Config.load("tiny", {**TINY, "training.ema_decay": ema_decay})
+    # with EMA also a learned loss balancer, whose state rides in the same weights file
+    config = Config.load("tiny", {**TINY, "training.ema_decay": ema_decay,
+                                  "training.balancing": "uncertainty" if ema_decay else "fixed"})
     straight = train(synth_dataset, config, tmp_path / "a", progress=False)
     assert straight.epochs_done == 2
 

@@ -390,8 +390,8 @@ class Trainer:
         weights = load_weights(folder, self.device)
         if self.ema is not None:
             load_model_weights(self.ema.module, weights)
-            weights = {k[len("train."):]: v for k, v in weights.items() if k.startswith("train.")}
-        load_model_weights(self.model, weights)
+        load_model_weights(self.model, {k[len("train."):]: v for k, v in weights.items() if k.startswith("train.")}
+                           if self.ema is not None else weights)
         self.balancer.load_state_dict({k[len("balancer."):]: v for k, v in weights.items()
                                        if k.startswith("balancer.")})
         state = load_state(folder)
