@@ -225,7 +225,7 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     return sample
 
 
-def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float = 0.3) -> Compose:
+def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float) -> Compose:
     """Patch sampling and augmentation over keys ``image``, ``regions``, ``instances``.
 
     ``zoom_prob`` is the chance of a random zoom (0.85-1.15) per patch; 0 switches scaling off, for data whose

@@ -388,12 +388,12 @@ class Trainer:
     def _restore(self) -> dict[str, Any]:
         folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
         weights = load_weights(folder, self.device)
-        if self.ema is not None:
+        if self.ema is not None:  # the checkpoint's model is the average; the trained weights are ``train.*``
             load_model_weights(self.ema.module, weights)
-        load_model_weights(self.model, {k[len("train."):]: v for k, v in weights.items() if k.startswith("train.")}
-                           if self.ema is not None else weights)
-        self.balancer.load_state_dict({k[len("balancer."):]: v for k, v in weights.items()
-                                       if k.startswith("balancer.")})
+            load_model_weights(self.model, _owned_by("train.", weights))
+        else:
+            load_model_weights(self.model, weights)
+        self.balancer.load_state_dict(_owned_by("balancer.", weights))
         state = load_state(folder)
         if self.ema is not None:
             self.ema.n_averaged.fill_(state["ema_updates"])
@@ -507,6 +507,11 @@ class Trainer:
             if last_epoch:
                 break
         return TrainResult(self.run_dir, best, epoch + 1, summary)
+
+
+def _owned_by(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a checkpoint's weights stored under ``prefix``, with the prefix taken off."""
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
