@@ -40,8 +40,12 @@ def test_bad_mirror_axes_fail_when_the_config_is_read():
             Config.load("tiny", {"inference.mirror_axes": bad})
 
 
-def test_bad_ema_decay_fails_when_the_config_is_read():
+def test_bad_ema_decay_and_zoom_prob_fail_when_the_config_is_read():
     assert Config.load("tiny", {"training.ema_decay": 0.99}).training.ema_decay == 0.99
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="ema_decay"):
             Config.load("tiny", {"training.ema_decay": bad})
+    assert Config.load("medmnist-cnn").data.zoom_prob == 0.0
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match="zoom_prob"):
+            Config.load("tiny", {"data.zoom_prob": bad})

@@ -39,6 +39,10 @@ class DataConfig:
     normalization: str = "nonzero"
     zoom_prob: float = 0.3
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.zoom_prob <= 1.0:  # MONAI would clip it silently
+            raise ValueError(f"data.zoom_prob must be a probability in [0, 1], got {self.zoom_prob}")
+
 
 @dataclass
 class ModelConfig:
