@@ -126,6 +126,11 @@ class InferenceConfig:
             only ranks epochs); ``evaluate`` and ``predict`` do. Slice-plugin (slice2d) models do not mirror.
         segmentation_threshold: region probability above which a region counts as present when the label map is
             decoded (see :func:`medtriad.inference.predictor.decode_labels`).
+        largest_components: post-processing of the decoded label map (nnU-Net's "keep the largest foreground
+            component"): every foreground label taken together as one object, only the N largest 26-connected
+            components are kept and the rest set to background (MONAI's ``KeepLargestConnectedComponent``).
+            ``None``: off. Removes stray false positives far from the lesion; a second, smaller true lesion goes
+            with them unless N allows for it.
     """
 
     roi_size: tuple[int, int, int] | None = None
@@ -135,9 +140,13 @@ class InferenceConfig:
     max_detections: int = 20
     mirror_axes: tuple[int, ...] = ()
     segmentation_threshold: float = 0.5
+    largest_components: int | None = None
 
     def __post_init__(self) -> None:
         # checked when the config is read, not when a trained run is first evaluated
+        n = self.largest_components
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"inference.largest_components must be a whole number >= 1 or null (off); got {n!r}")
         axes = list(self.mirror_axes)
         if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")

@@ -12,7 +12,7 @@ from medtriad.config import InferenceConfig
 from medtriad.data.boxes import voxel_box_to_world
 from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, read_channels
-from medtriad.inference.predictor import Predictor, decode_labels, unflip_boxes
+from medtriad.inference.predictor import Predictor, decode_labels, keep_largest_components, unflip_boxes
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
@@ -99,6 +99,40 @@ def test_mask_lands_on_the_same_anatomy_for_flipped_and_permuted_affines(axes, f
         return {tuple(np.round(p, 3)) for p in nib.affines.apply_affine(aff, idx)}
     assert reference.any()
     assert world_points(mask, stored_affine) == world_points(reference, affine)
+
+
+def test_keep_largest_components_keeps_whole_objects_with_their_labels():
+    mask = np.zeros((12, 12, 12), np.uint8)
+    mask[1:5, 1:5, 1:5] = 2  # 64 voxels: edema around ...
+    mask[2:4, 2:4, 2:4] = 4  # ... an enhancing core (one object with it)
+    mask[8:11, 8:11, 8:11] = 1  # 27 voxels, another object
+    mask[6, 6, 6] = 4  # a stray voxel, touching neither (26-connectivity: 5 -> 6 -> 8 leaves a gap)
+    one = keep_largest_components(mask, 1)
+    np.testing.assert_array_equal(one[:6, :6, :6], mask[:6, :6, :6])  # the largest object, labels untouched
+    assert one.sum() == mask[:6, :6, :6].sum() and one[6, 6, 6] == 0 and not one[8:, 8:, 8:].any()
+    two = keep_largest_components(mask, 2)
+    np.testing.assert_array_equal(two[8:, 8:, 8:], mask[8:, 8:, 8:])
+    assert two[6, 6, 6] == 0
+    np.testing.assert_array_equal(keep_largest_components(mask, 3), mask)
+    mask[5, 5, 5] = 2  # now the stray voxel touches the first object at a corner: one object
+    assert keep_largest_components(mask, 1)[6, 6, 6] == 4
+    assert not keep_largest_components(np.zeros((4, 4, 4), np.uint8), 1).any()
+
+
+def test_largest_components_setting_removes_a_far_false_positive():
+    predictor = _blob_model()
+    image = _scan((40, 36, 28))
+    image[0, 28:31, 26:29, 20:23] = 4.0  # a small bright blob far from the lesion
+    image[1] = image[0] * 0.5
+    plain = predictor.predict(image, np.eye(4)).mask
+    predictor.inference = InferenceConfig(roi_size=None, largest_components=1)
+    cleaned = predictor.predict(image, np.eye(4)).mask
+    assert plain[29, 27, 21] > 0 and cleaned[29, 27, 21] == 0  # the blob is gone ...
+    lesion = (slice(6, 14), slice(5, 12), slice(4, 10))
+    np.testing.assert_array_equal(cleaned[lesion], plain[lesion])  # ... the lesion kept as it was
+    assert (cleaned[lesion] > 0).mean() > 0.9
+    with pytest.raises(ValueError, match="largest_components"):
+        InferenceConfig(largest_components=0)
 
 
 def test_geometry_model_grid_maps_to_world_like_the_input():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from monai.data.box_utils import non_max_suppression
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+from scipy import ndimage
 
 from medtriad.checkpoint import load_weights, resolve_checkpoint
 from medtriad.config import Config, InferenceConfig
@@ -243,6 +244,8 @@ class Predictor:
             probs = geometry.from_canonical(resample(grid.region_probs, canon_shape, "trilinear").numpy())
             pred.mask = decode_labels(probs, self.spec.regions, self.spec.labels,
                                       self.inference.segmentation_threshold)
+            if self.inference.largest_components:
+                pred.mask = keep_largest_components(pred.mask, self.inference.largest_components)
         for task, heatmap in grid.heatmaps.items():
             pred.heatmaps[task] = geometry.from_canonical(resample(heatmap[None], canon_shape, "trilinear").numpy())[0]
         keep = grid.scores >= self.inference.score_threshold
@@ -325,3 +328,17 @@ def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], l
         better = score > best
         out[better], best[better] = value, score[better]
     return out
+
+
+def keep_largest_components(mask: np.ndarray, n: int = 1) -> np.ndarray:
+    """``mask`` (X, Y, Z) label map with every foreground voxel outside its ``n`` largest 26-connected foreground
+    components (all labels taken together as one object, as nnU-Net's post-processing does) set to 0; labels
+    inside them are kept as they are. (MONAI's ``KeepLargestConnectedComponent`` does the same but needs
+    scikit-image; scipy's labelling is what the box code uses already.)"""
+    components, count = ndimage.label(mask != 0, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= n:
+        return mask
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    kept = np.zeros(count + 1, dtype=bool)
+    kept[1 + np.argsort(-sizes, kind="stable")[:n]] = True
+    return np.where(kept[components], mask, 0).astype(mask.dtype, copy=False)
