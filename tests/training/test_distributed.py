@@ -39,7 +39,12 @@ def test_two_process_training_resume_and_gathered_metrics(synth_dataset, tmp_pat
     history = json.loads((run / "history.json").read_text())
     gathered = history[-1]["validation"]
     assert gathered["num_cases"] == len(json.loads((run / "split.json").read_text())["val"]) == 2
-    _, single = evaluate_run(run, synth_dataset, split="val", checkpoint="last", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: convolution sums then add up in the same order
+    try:
+        _, single = evaluate_run(run, synth_dataset, split="val", checkpoint="last", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     for key, stats in single["segmentation"].items():
         assert gathered["segmentation"][key]["mean"] == pytest.approx(stats["mean"], abs=1e-5), key
     assert gathered["detection"]["AP_IoU_0.10"] == pytest.approx(single["detection"]["AP_IoU_0.10"], abs=1e-6)
