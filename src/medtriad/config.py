@@ -128,7 +128,7 @@ class InferenceConfig:
             decoded (see :func:`medtriad.inference.predictor.decode_labels`).
         largest_components: post-processing of the decoded label map (nnU-Net's "keep the largest foreground
             component"): every foreground label taken together as one object, only the N largest 26-connected
-            components are kept and the rest set to background (MONAI's ``KeepLargestConnectedComponent``).
+            components are kept and the rest set to background (what MONAI's ``KeepLargestConnectedComponent`` does).
             ``None``: off. Removes stray false positives far from the lesion; a second, smaller true lesion goes
             with them unless N allows for it.
     """
