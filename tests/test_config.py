@@ -49,3 +49,6 @@ def test_bad_ema_decay_and_zoom_prob_fail_when_the_config_is_read():
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match="zoom_prob"):
             Config.load("tiny", {"data.zoom_prob": bad})
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="classification_dropout"):
+            Config.load("tiny", {"model.classification_dropout": bad})

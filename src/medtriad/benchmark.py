@@ -79,7 +79,8 @@ def brats_model_spec(config: Config, encoder: str | None = None,
         encoder_kwargs=dict(config.model.encoder_kwargs) if encoder in (None, config.model.encoder) else {},
         regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),
         segmentation=dict(config.model.segmentation) if encoder in (None, config.model.encoder) else {},
-        detection=detection, classification_hidden=config.model.classification_hidden)
+        detection=detection, classification_hidden=config.model.classification_hidden,
+        classification_dropout=config.model.classification_dropout)
 
 
 def variant_specs(spec: ModelSpec) -> dict[str, ModelSpec]:

@@ -55,6 +55,7 @@ class ModelConfig:
         segmentation: segmentation head settings (``decoder_channels``: one width per decoder level, fine to coarse).
         detection: detection head settings (anchor shapes are derived from the training boxes when absent).
         classification_hidden: width of the attention-pooling MLP.
+        classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``).
         plugin: encoder ``slice2d`` only (AnyMC3D): settings of every task's plugin, the fields of
             medtriad.models.anymc3d.PluginConfig (adapter lora|molre|none, rank, alpha, experts, views, query_dim,
             targets) plus ``aux: true`` for the auxiliary pixel decoder on cases with masks.
@@ -67,8 +68,13 @@ class ModelConfig:
     segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
+    classification_dropout: float = 0.0
     plugin: dict[str, Any] = field(default_factory=dict)
     plugin_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.classification_dropout < 1.0:
+            raise ValueError(f"model.classification_dropout must lie in [0, 1), got {self.classification_dropout}")
 
 
 @dataclass

@@ -102,3 +102,19 @@ def test_anchor_shapes_never_exceed_the_patch_and_follow_the_boxes():
     assert coarse.min() < 8 and coarse.max() > 40  # one cluster per size group
     with pytest.raises(ValueError, match="no boxes"):
         anchor_shapes_from_boxes(np.zeros((0, 3)), (64, 64, 64))
+
+
+def test_classification_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = MultiTaskModel(spec(["classification"], classification_dropout=0.5))
+    x = torch.randn(1, 4, 32, 32, 32)
+    model.train()
+    a, b = (model(x)["classification"]["grade"] for _ in range(2))
+    assert not torch.allclose(a, b)  # a different half of the pooled vector dropped each time
+    model.eval()
+    with torch.no_grad():
+        a, b = (model(x)["classification"]["grade"] for _ in range(2))
+    torch.testing.assert_close(a, b)
+    plain = MultiTaskModel(spec(["classification"])).train()
+    torch.testing.assert_close(*(plain(x)["classification"]["grade"] for _ in range(2)))
+

@@ -55,6 +55,7 @@ class ModelSpec:
     segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
+    classification_dropout: float = 0.0
     normalization: str = "nonzero"
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -103,7 +104,7 @@ class MultiTaskModel(nn.Module):
                 raise ValueError("a classification head needs at least one task (dataset.json medtriad.classification)")
             self.heads["classification"] = ClassificationHead(
                 info, {name: ModelSpec.task_outputs(t) for name, t in spec.tasks.items()},
-                hidden=spec.classification_hidden)
+                hidden=spec.classification_hidden, dropout=spec.classification_dropout)
 
     @property
     def size_divisible(self) -> int:

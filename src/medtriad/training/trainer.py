@@ -278,7 +278,8 @@ class Trainer:
             regions={k: list(v) for k, v in spec.regions.items()}, labels=dict(spec.labels),
             segmentation=dict(cfg.model.segmentation) if "segmentation" in heads else {},
             tasks={n: {"kind": t.kind, "classes": list(t.classes)} for n, t in spec.tasks.items()},
-            detection=detection, classification_hidden=cfg.model.classification_hidden)
+            detection=detection, classification_hidden=cfg.model.classification_hidden,
+            classification_dropout=cfg.model.classification_dropout)
 
     # ------------------------------------------------------------------ batches
     def _batch(self, step: int) -> dict[str, Any]:
