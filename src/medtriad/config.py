@@ -55,7 +55,8 @@ class ModelConfig:
         segmentation: segmentation head settings (``decoder_channels``: one width per decoder level, fine to coarse).
         detection: detection head settings (anchor shapes are derived from the training boxes when absent).
         classification_hidden: width of the attention-pooling MLP.
-        classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``).
+        classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``);
+            the 3D encoders' classification head (``slice2d`` plugins have their own head and do not use it).
         plugin: encoder ``slice2d`` only (AnyMC3D): settings of every task's plugin, the fields of
             medtriad.models.anymc3d.PluginConfig (adapter lora|molre|none, rank, alpha, experts, views, query_dim,
             targets) plus ``aux: true`` for the auxiliary pixel decoder on cases with masks.
