@@ -117,4 +117,3 @@ def test_classification_dropout_acts_in_training_only():
     torch.testing.assert_close(a, b)
     plain = MultiTaskModel(spec(["classification"])).train()
     torch.testing.assert_close(*(plain(x)["classification"]["grade"] for _ in range(2)))
-

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from monai.data.box_utils import non_max_suppression
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
-from scipy import ndimage
 
 from medtriad.checkpoint import load_weights, resolve_checkpoint
 from medtriad.config import Config, InferenceConfig
-from medtriad.data.boxes import voxel_box_to_world, world_box_to_voxel
+from medtriad.data.boxes import instances_from_mask, voxel_box_to_world, world_box_to_voxel
 from medtriad.data.transforms import Geometry, Sample, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
@@ -333,9 +332,10 @@ def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], l
 def keep_largest_components(mask: np.ndarray, n: int = 1) -> np.ndarray:
     """``mask`` (X, Y, Z) label map with every foreground voxel outside its ``n`` largest 26-connected foreground
     components (all labels taken together as one object, as nnU-Net's post-processing does) set to 0; labels
-    inside them are kept as they are. (MONAI's ``KeepLargestConnectedComponent`` does the same but needs
-    scikit-image; scipy's labelling is what the box code uses already.)"""
-    components, count = ndimage.label(mask != 0, structure=np.ones((3, 3, 3), dtype=bool))
+    inside them are kept as they are. Components are the detection boxes' own (:func:`instances_from_mask`);
+    MONAI's ``KeepLargestConnectedComponent`` does the same but needs scikit-image."""
+    components = instances_from_mask(mask != 0, np.eye(4), 0.0)
+    count = int(components.max())
     if count <= n:
         return mask
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
