@@ -11,7 +11,7 @@ from medtriad.cli import main
 from medtriad.config import InferenceConfig
 from medtriad.data.boxes import voxel_box_to_world
 from medtriad.data.layout import load_dataset
-from medtriad.data.transforms import make_geometry, read_channels
+from medtriad.data.transforms import make_geometry, pad_to, read_channels
 from medtriad.inference.predictor import Predictor, decode_labels, keep_largest_components, unflip_boxes
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
@@ -186,6 +186,32 @@ def test_mirroring_makes_every_head_flip_equivariant():
     for bad in [(3,), (0, 0)]:
         with pytest.raises(ValueError, match="mirror_axes"):
             Predictor(model, InferenceConfig(mirror_axes=bad), "cpu")
+
+
+def test_padding_centres_the_volume_as_training_does():
+    """A volume smaller than the encoder's size divisor is padded evenly on both sides, as training pads a volume
+    smaller than its patch (pad_to): a whole-volume classifier then sees the object where it saw it in training, and
+    with even padding a mirrored copy is the mirror of the padded input, so mirroring stays equivariant. Padding at
+    the end of each axis (the earlier behaviour) fails both checks."""
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["FLAIR", "T1"],
+                     heads=["segmentation", "classification"], spacing=[1.0, 1.0, 1.0],
+                     encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]},
+                     regions=REGIONS, labels=LABELS, tasks={"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}})
+    model = MultiTaskModel(spec).eval()
+    image = torch.randn(2, 28, 12, 14)  # padded to 32 x 16 x 16: 2 + 2, 2 + 2, 1 + 1
+    out = Predictor(model, InferenceConfig(), "cpu").predict_grid(image)
+    with torch.no_grad():
+        direct = model(pad_to(image, (32, 16, 16))[None])
+    torch.testing.assert_close(out.class_probs["grade"], torch.sigmoid(direct["classification"]["grade"][0]))
+    torch.testing.assert_close(out.region_probs, torch.sigmoid(direct["segmentation"][0, :, 2:30, 2:14, 1:15]))
+    mirrored = Predictor(model, InferenceConfig(mirror_axes=(0, 1, 2)), "cpu")
+    reference = mirrored.predict_grid(image)
+    for axis in range(3):
+        flipped = mirrored.predict_grid(torch.flip(image, [axis + 1]))
+        torch.testing.assert_close(flipped.class_probs["grade"], reference.class_probs["grade"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(flipped.region_probs, torch.flip(reference.region_probs, [axis + 1]),
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_unflip_boxes_matches_the_box_of_the_unflipped_mask():
