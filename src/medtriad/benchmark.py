@@ -80,7 +80,8 @@ def brats_model_spec(config: Config, encoder: str | None = None,
         regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),
         segmentation=dict(config.model.segmentation) if encoder in (None, config.model.encoder) else {},
         detection=detection, classification_hidden=config.model.classification_hidden,
-        classification_dropout=config.model.classification_dropout)
+        classification_dropout=config.model.classification_dropout,
+        radial_coordinate=config.model.radial_coordinate)
 
 
 def variant_specs(spec: ModelSpec) -> dict[str, ModelSpec]:

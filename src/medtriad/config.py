@@ -57,6 +57,9 @@ class ModelConfig:
         classification_hidden: width of the attention-pooling MLP.
         classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``);
             the 3D encoders' classification head (``slice2d`` plugins have their own head and do not use it).
+        radial_coordinate: the encoder reads one more channel, each voxel's distance from the centre of its input
+            window (medtriad.models.encoders.coordinates): a position cue for whole-volume classification of centred
+            crops, unchanged by flips and 90-degree rotations. Not for ``slice2d``.
         plugin: encoder ``slice2d`` only (AnyMC3D): settings of every task's plugin, the fields of
             medtriad.models.anymc3d.PluginConfig (adapter lora|molre|none, rank, alpha, experts, views, query_dim,
             targets) plus ``aux: true`` for the auxiliary pixel decoder on cases with masks.
@@ -70,12 +73,17 @@ class ModelConfig:
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
     classification_dropout: float = 0.0
+    radial_coordinate: bool = False
     plugin: dict[str, Any] = field(default_factory=dict)
     plugin_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.classification_dropout < 1.0:
             raise ValueError(f"model.classification_dropout must lie in [0, 1), got {self.classification_dropout}")
+        if not isinstance(self.radial_coordinate, bool):
+            raise ValueError(f"model.radial_coordinate must be true or false, got {self.radial_coordinate!r}")
+        if self.radial_coordinate and self.encoder == "slice2d":
+            raise ValueError("model.radial_coordinate is for the 3D encoders; slice2d reads its slices as images")
 
 
 @dataclass

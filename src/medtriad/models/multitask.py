@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from medtriad.io import write_json
 from medtriad.models.encoders import create_encoder
+from medtriad.models.encoders.coordinates import WithRadialCoordinate
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.heads.detection import DetectionHead
 from medtriad.models.heads.segmentation import SegmentationHead
@@ -40,6 +41,8 @@ class ModelSpec:
         detection: DetectionHead keyword arguments (anchor shapes, strides, thresholds).
         spacing: the grid (mm) the model works on.
         normalization: the intensity normalisation of its inputs (medtriad.data.transforms.normalize).
+        radial_coordinate: the encoder also reads each voxel's distance from the window's centre
+            (medtriad.models.encoders.coordinates).
         plugins: encoder "slice2d" only: task -> PluginConfig fields (medtriad.models.anymc3d), one plugin per task.
     """
 
@@ -57,6 +60,7 @@ class ModelSpec:
     classification_hidden: int = 128
     classification_dropout: float = 0.0
     normalization: str = "nonzero"
+    radial_coordinate: bool = False
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -88,7 +92,10 @@ class MultiTaskModel(nn.Module):
         if unknown or not spec.heads:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {spec.heads}")
         self.spec = spec
-        self.encoder = create_encoder(spec.encoder, spec.in_channels, **spec.encoder_kwargs)
+        self.encoder = create_encoder(spec.encoder, spec.in_channels + int(spec.radial_coordinate),
+                                      **spec.encoder_kwargs)
+        if spec.radial_coordinate:
+            self.encoder = WithRadialCoordinate(self.encoder)
         info = self.encoder.feature_info
         self.heads = nn.ModuleDict()
         if "segmentation" in spec.heads:
