@@ -30,7 +30,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices, get_val
 from medtriad.checkpoint import load_weights, resolve_checkpoint
 from medtriad.config import Config, InferenceConfig
 from medtriad.data.boxes import instances_from_mask, voxel_box_to_world, world_box_to_voxel
-from medtriad.data.transforms import Geometry, Sample, preprocess_images, read_channels, resample
+from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
 
@@ -162,7 +162,7 @@ class Predictor:
         roi = self.inference.roi_size
         roi = round_up(shape if roi is None else roi, div)
         padded_shape = tuple(max(s, r) for s, r in zip(shape, roi))
-        x, lead = self._padded_batch(image, padded_shape)
+        x, inside = self._padded_batch(image, padded_shape)
         roi = get_valid_patch_size(padded_shape, roi)
         interval = [max(1, int(r * (1 - self.inference.overlap))) for r in roi]
         slices = dense_patch_slices(padded_shape, roi, interval)
@@ -192,16 +192,16 @@ class Predictor:
                     for task, (s, v) in heads["classification"].encode(features).items():
                         tokens.setdefault(task, []).append((s, v))
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
-        crop = tuple(slice(lo, lo + n) for lo, n in zip(lead, shape))
         if seg is not None:
-            out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *crop)].cpu()
+            out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *inside)].cpu()
         if boxes:
             all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
             if len(slices) * len(flips) > 1 and len(all_boxes):
                 keep = non_max_suppression(all_boxes, all_scores, self.inference.nms_threshold,
                                            max_proposals=self.inference.max_detections)
                 all_boxes, all_scores = all_boxes[keep], all_scores[keep]
-            all_boxes = all_boxes - torch.tensor(lead * 2, dtype=torch.float32, device=all_boxes.device)
+            lead = [s.start for s in inside] * 2
+            all_boxes = all_boxes - torch.tensor(lead, dtype=torch.float32, device=all_boxes.device)
             limit = torch.tensor(shape * 2, dtype=torch.float32, device=all_boxes.device)
             out.boxes = torch.minimum(all_boxes.clamp_min(0), limit).cpu()
             out.scores = all_scores.cpu()
@@ -212,15 +212,13 @@ class Predictor:
                 out.class_probs[task] = self._class_probs(task, head.decode(task, pooled)[0])
         return out
 
-    def _padded_batch(self, image: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """(C, X, Y, Z) -> a batch of one (1, C, *size) on the device, zero-padded evenly on both sides of each axis
-        as training pads a volume smaller than the patch (medtriad.data.transforms.pad_to), and the padding before
-        the image on each axis. A whole-volume classifier sees the object where it saw it in training, and a
-        mirrored copy puts it in the same place, not shifted by the padding."""
-        lead = tuple((n - s) // 2 for n, s in zip(size, image.shape[1:]))
-        x = torch.zeros((1, image.shape[0], *size), device=self.device)
-        x[(0, slice(None), *(slice(lo, lo + s) for lo, s in zip(lead, image.shape[1:])))] = image.to(self.device)
-        return x, lead
+    def _padded_batch(self, image: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+        """(C, X, Y, Z) -> a batch of one (1, C, *size) on the device, zero-padded by training's own
+        :func:`~medtriad.data.transforms.pad_to` (evenly on both sides of each axis), and the image's place in it.
+        A whole-volume classifier sees the object where it saw it in training, and a mirrored copy puts it in the
+        same place, not shifted by the padding."""
+        inside = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(size, image.shape[1:]))  # pad_to's split
+        return pad_to(image.to(self.device, torch.float32), size)[None], inside
 
     def _class_probs(self, task: str, logits: torch.Tensor) -> torch.Tensor:
         kind = self.spec.tasks[task]["kind"]
@@ -231,13 +229,12 @@ class Predictor:
         slice pooling over all slices (sliding windows would split the slice stack the pooling attends over)."""
         shape = tuple(image.shape[1:])
         padded = round_up(shape, self.model.size_divisible)
-        x, lead = self._padded_batch(image, padded)
+        x, inside = self._padded_batch(image, padded)
         result = self.model(x, aux=False, need_weights=self.heatmaps)  # one pass gives logits and attention
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
         out.class_probs = {task: self._class_probs(task, v[0]) for task, v in result["logits"].items()}
         if self.heatmaps:
-            crop = tuple(slice(lo, lo + n) for lo, n in zip(lead, shape))
-            out.heatmaps = {task: self.model.heatmap_from(result, task, padded)[(0, *crop)].cpu()
+            out.heatmaps = {task: self.model.heatmap_from(result, task, padded)[(0, *inside)].cpu()
                             for task in result["logits"]}
         return out
 
