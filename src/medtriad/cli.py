@@ -104,9 +104,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medtriad.evaluation.run import evaluate_run
 
-    output = args.output or Path(args.run) / (f"evaluation_{args.split}"
-                                              + ("_last" if args.checkpoint == "last" else ""))
-    out, summary = evaluate_run(Path(args.run), Path(args.dataset), split=args.split, device=args.device,
+    if len(args.run) > 1 and not args.output:
+        raise ValueError(f"{len(args.run)} runs are evaluated as one ensemble: name its output folder with -o")
+    output = args.output or Path(args.run[0]) / (f"evaluation_{args.split}"
+                                                 + ("_last" if args.checkpoint == "last" else ""))
+    out, summary = evaluate_run([Path(r) for r in args.run], Path(args.dataset), split=args.split, device=args.device,
                                 output=output, checkpoint=args.checkpoint, progress=not args.quiet,
                                 inference=_inference_overrides(args.set))
     print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str)[:4000])
@@ -202,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset")
-    p.add_argument("run")
+    p = sub.add_parser("evaluate", help="metrics of a trained run (or an ensemble of runs) on a dataset")
+    p.add_argument("run", nargs="+", help="run folder; several: their predictions are averaged (an ensemble)")
     p.add_argument("dataset")
     p.add_argument("--split", default="val", help="val: the run's validation cases; all: every case; test (or any "
                    "name in the dataset's splits.json): that official split")
@@ -217,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="run a trained model on new scans")
-    p.add_argument("-m", "--model", required=True, help="run folder or checkpoint folder")
+    p.add_argument("-m", "--model", required=True, nargs="+", help="run folder or checkpoint folder; several: "
+                   "their predictions are averaged (an ensemble)")
     p.add_argument("-i", "--input", required=True, nargs="+",
                    help="dataset folder, folder of BraTS case folders, or the channel files of one case")
     p.add_argument("-o", "--output", required=True)

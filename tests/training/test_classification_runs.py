@@ -108,6 +108,37 @@ def test_cnn_classifier_trains_on_official_split_and_scores_test_once(adrenal, t
         train(adrenal, _cnn_config(), tmp_path / "fold1", fold=1, progress=False)
 
 
+def test_runs_of_two_seeds_evaluate_and_predict_as_one_ensemble(adrenal, tmp_path):
+    runs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
+    for seed, run in zip((0, 1), runs):
+        train(adrenal, _cnn_config(seed=seed), run, progress=False)
+    alone = []
+    for run in runs:
+        assert main(["evaluate", str(run), str(adrenal), "--split", "test", "-q"]) == 0
+        rows = (run / "evaluation_test" / "per_case.csv").read_text().splitlines()
+        alone.append({r.split(",")[0]: float(r.split(",")[2]) for r in rows[1:]})  # case -> P(adrenal_mass)
+    assert alone[0] != alone[1]  # two seeds, two models
+    out = tmp_path / "ensemble_test"
+    assert main(["evaluate", *map(str, runs), str(adrenal), "--split", "test", "-o", str(out), "-q"]) == 0
+    rows = (out / "per_case.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["case", "p_adrenal_normal", "p_adrenal_adrenal_mass"]
+    for row in rows[1:]:
+        case, p = row.split(",")[0], float(row.split(",")[2])
+        assert p == pytest.approx((alone[0][case] + alone[1][case]) / 2, abs=2e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == 8 and 0.0 <= summary["classification"]["adrenal"]["auc"] <= 1.0
+    # several runs need a named output folder: nothing is written into a member's run folder
+    assert main(["evaluate", *map(str, runs), str(adrenal), "--split", "val", "-q"]) == 2
+    assert not (runs[0] / "evaluation_val").exists()
+    # predict -m with both runs writes the ensemble's probabilities
+    case = next(c for c in load_dataset(adrenal)[1] if c.case_id == rows[1].split(",")[0])
+    assert main(["predict", "-m", *map(str, runs), "-i", str(case.image_files[0]), "-o", str(tmp_path / "pred"),
+                 "-q"]) == 0
+    predicted = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+    assert float(predicted[1].split(",")[-1]) == pytest.approx((alone[0][case.case_id] + alone[1][case.case_id]) / 2,
+                                                               abs=1e-4)
+
+
 def test_slice2d_config_errors_are_clear(adrenal, tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['ranks'\] in model.plugin;"):
         train(adrenal, _plugin_config(ranks=4), tmp_path / "typo", progress=False)

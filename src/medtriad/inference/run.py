@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medtriad.inference.predictor import Predictor
+from medtriad.inference.ensemble import EnsemblePredictor
 from medtriad.inference.writers import output_files, write_prediction
 from medtriad.io import CaseFileError, atomic_write_text
 
@@ -66,14 +66,16 @@ def discover_cases(inputs: list[Path], channel_names: list[str]) -> list[InputCa
     return [InputCase(f.name, _brats_files(f, channel_names)) for f in folders]
 
 
-def predict_folder(model: str | Path, inputs: list[Path], out: Path, device: str | None = None, num_parts: int = 1,
+def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out: Path, device: str | None = None, num_parts: int = 1,
                    part_id: int = 0, overwrite: bool = False, progress: bool = True,
                    heatmaps: bool = False, inference: dict | None = None) -> list[tuple[str, str]]:
-    """Predict every case of this part; returns the failures as (case id, reason). ``inference`` overrides the
-    model's inference settings by key (``{"mirror_axes": []}``)."""
+    """Predict every case of this part; returns the failures as (case id, reason). ``model`` is a run or checkpoint
+    folder, or several (their predictions averaged, :mod:`medtriad.inference.ensemble`). ``inference`` overrides
+    the model's inference settings by key (``{"mirror_axes": []}``)."""
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts} and {part_id}")
-    predictor = Predictor.from_pretrained(model, device=device, heatmaps=heatmaps, inference=inference)
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    predictor = EnsemblePredictor.from_pretrained_runs(models, device=device, heatmaps=heatmaps, inference=inference)
     spec = predictor.spec
     cases = discover_cases(inputs, spec.channel_names)[part_id::num_parts]
     out.mkdir(parents=True, exist_ok=True)

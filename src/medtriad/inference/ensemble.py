@@ -1,0 +1,78 @@
+"""Ensembles: several trained runs predicting as one model (nnU-Net's fold ensembling, here any runs of one task set).
+
+Per case the image is read and normalised once; each member predicts on the model grid with its own inference
+settings (windows, mirroring); then region probabilities, class probabilities and heatmaps are averaged, and the
+members' boxes are pooled and merged by NMS, as the windows of one model are. The first run's settings decide what
+happens after that (segmentation threshold, largest components, score threshold).
+
+Members must agree on what goes in and what comes out: channels, spacing, normalisation, heads, regions, labels and
+tasks. Their encoders and recipes may differ (a ``swin`` run beside a ``resenc`` run, runs of several seeds or folds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.data.box_utils import non_max_suppression
+
+from medtriad.inference.predictor import GridOutput, Predictor
+
+# ModelSpec fields every member must share: they fix the input the members read and the meaning of their outputs
+SHARED_SPEC_FIELDS = ("channel_names", "spacing", "normalization", "heads", "regions", "labels", "tasks")
+
+
+class EnsemblePredictor(Predictor):
+    """Averages the predictions of several :class:`Predictor` s; used wherever a ``Predictor`` is.
+
+    Example::
+
+        predictor = EnsemblePredictor.from_pretrained_runs(["runs/seed0", "runs/seed1", "runs/seed2"])
+        result = predictor.predict(["case_0000.nii.gz"])
+    """
+
+    def __init__(self, members: Sequence[Predictor], names: Sequence[str] | None = None):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        names = list(names) if names is not None else [f"member {i}" for i in range(len(members))]
+        first = members[0]
+        for name, member in zip(names[1:], members[1:]):
+            for key in SHARED_SPEC_FIELDS:
+                mine, theirs = getattr(member.spec, key), getattr(first.spec, key)
+                if mine != theirs:
+                    raise ValueError(f"{name}: model {key} {mine} differs from {theirs} of {names[0]}; the members "
+                                     f"of an ensemble must share {', '.join(SHARED_SPEC_FIELDS)}")
+        self.members = list(members)
+        self.names = names
+        self.device, self.model, self.spec = first.device, first.model, first.spec
+        self.inference, self.heatmaps = first.inference, first.heatmaps
+
+    @classmethod
+    def from_pretrained_runs(cls, paths: Sequence[str | Path], device: str | None = None, checkpoint: str = "best",
+                             heatmaps: bool = False, inference: dict | None = None) -> Predictor:
+        """One :meth:`Predictor.from_pretrained` per run folder (or checkpoint folder), the same ``checkpoint``
+        and ``inference`` overrides for each; a single path gives that run's plain Predictor."""
+        if not paths:
+            raise ValueError("no run folder given")
+        members = [Predictor.from_pretrained(p, device=device, checkpoint=checkpoint, heatmaps=heatmaps,
+                                              inference=inference) for p in paths]
+        return members[0] if len(members) == 1 else cls(members, [str(p) for p in paths])
+
+    @torch.no_grad()
+    def predict_grid(self, image: torch.Tensor) -> GridOutput:
+        outputs = [member.predict_grid(image) for member in self.members]
+        first = outputs[0]
+        out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
+        if first.region_probs is not None:
+            out.region_probs = torch.stack([o.region_probs for o in outputs]).mean(0)
+        out.class_probs = {task: torch.stack([o.class_probs[task] for o in outputs]).mean(0)
+                           for task in first.class_probs}
+        out.heatmaps = {task: torch.stack([o.heatmaps[task] for o in outputs]).mean(0) for task in first.heatmaps}
+        boxes, scores = torch.cat([o.boxes for o in outputs]), torch.cat([o.scores for o in outputs])
+        if len(boxes):
+            keep = non_max_suppression(boxes, scores, self.inference.nms_threshold,
+                                       max_proposals=self.inference.max_detections)
+            boxes, scores = boxes[keep], scores[keep]
+        out.boxes, out.scores = boxes, scores
+        return out
