@@ -66,8 +66,8 @@ def discover_cases(inputs: list[Path], channel_names: list[str]) -> list[InputCa
     return [InputCase(f.name, _brats_files(f, channel_names)) for f in folders]
 
 
-def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out: Path, device: str | None = None, num_parts: int = 1,
-                   part_id: int = 0, overwrite: bool = False, progress: bool = True,
+def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out: Path, device: str | None = None,
+                   num_parts: int = 1, part_id: int = 0, overwrite: bool = False, progress: bool = True,
                    heatmaps: bool = False, inference: dict | None = None) -> list[tuple[str, str]]:
     """Predict every case of this part; returns the failures as (case id, reason). ``model`` is a run or checkpoint
     folder, or several (their predictions averaged, :mod:`medtriad.inference.ensemble`). ``inference`` overrides
