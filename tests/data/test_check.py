@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from medtriad.data.check import Problem, check_dataset, format_problems
 from medtriad.data.layout import Box, ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv

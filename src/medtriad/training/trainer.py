@@ -50,7 +50,7 @@ from medtriad.data.layout import Case, DatasetSpec, load_dataset, read_splits
 from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
 from medtriad.evaluation.evaluate import headline_metrics, score_case, summarize_scores
 from medtriad.inference.predictor import Predictor, pick_device
-from medtriad.io import atomic_write_text, write_json
+from medtriad.io import write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
 from medtriad.models.encoders.slice2d import save_hf_vit
