@@ -5,8 +5,8 @@
     medtriad findings DATASET            add the multi-label BraTS findings task (from the label maps)
     medtriad check DATASET               integrity check, every problem named with case and file
     medtriad train DATASET -c CONFIG -o RUN [--fold K] [--resume]
-    medtriad evaluate RUN DATASET [--split val|all|test]
-    medtriad predict -m RUN -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
+    medtriad evaluate RUN [RUN...] DATASET [--split val|all|test] [-o OUT]     several runs: their ensemble
+    medtriad predict -m RUN [RUN...] -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
     medtriad demo [--out DIR] [--minutes M] [--quick]
     medtriad benchmark -c CONFIG -o OUT [--input-size X Y Z] [--encoder E] [--train DATASET --minutes M]
@@ -104,6 +104,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medtriad.evaluation.run import evaluate_run
 
+    if (Path(args.dataset) / "model.json").is_file():
+        raise ValueError(f"{args.dataset} is a run folder: the last folder before the options must be the dataset "
+                         f"(medtriad evaluate RUN [RUN ...] DATASET [options])")
     if len(args.run) > 1 and not args.output:
         raise ValueError(f"{len(args.run)} runs are evaluated as one ensemble: name its output folder with -o")
     output = args.output or Path(args.run[0]) / (f"evaluation_{args.split}"

@@ -41,16 +41,20 @@ def test_ensemble_averages_each_members_own_prediction():
     assert pred.mask.shape == (16, 12, 20) and set(pred.probabilities) == set(TASKS)
 
 
-def test_ensemble_merges_the_members_boxes_by_nms():
+def test_ensemble_merges_boxes_by_nms_and_scores_them_by_the_members_agreement():
     members = [_predictor(0), _predictor(1)]
-    found = [GridOutput(None, torch.tensor([[0.0, 0, 0, 10, 10, 10]]), torch.tensor([0.9]), {}),
+    found = [GridOutput(None, torch.tensor([[0.0, 0, 0, 10, 10, 10]]), torch.tensor([0.9]), {},
+                        {"grade": torch.ones(8, 8, 8)}),
              GridOutput(None, torch.tensor([[1.0, 0, 0, 10, 10, 10], [20, 20, 20, 30, 30, 30]]),
                         torch.tensor([0.8, 0.5]), {})]
     for member, grid in zip(members, found):
         member.predict_grid = lambda image, grid=grid: grid
     out = EnsemblePredictor(members).predict_grid(torch.zeros(2, 8, 8, 8))
-    assert out.scores.tolist() == pytest.approx([0.9, 0.5])  # the overlapping weaker box is suppressed
+    # the overlapping weaker box is suppressed; each kept box scores the mean of the members' best overlapping score
     assert out.boxes.tolist() == [[0, 0, 0, 10, 10, 10], [20, 20, 20, 30, 30, 30]]
+    assert out.scores.tolist() == pytest.approx([(0.9 + 0.8) / 2, (0.0 + 0.5) / 2])
+    # a heatmap is averaged over the members that make one (slice2d plugins), not diluted by the others
+    torch.testing.assert_close(out.heatmaps["grade"], torch.ones(8, 8, 8))
 
 
 @pytest.mark.parametrize("field, value", [("regions", {"WT": [1, 2]}), ("spacing", [2.0, 2.0, 2.0]),
@@ -59,8 +63,16 @@ def test_ensemble_merges_the_members_boxes_by_nms():
 def test_members_must_read_and_mean_the_same(field, value):
     with pytest.raises(ValueError, match=f"run b: model {field} .* differs"):
         EnsemblePredictor([_predictor(0), _predictor(1, **{field: value})], names=["run a", "run b"])
+
+
+def test_region_order_matters_head_order_does_not():
+    with pytest.raises(ValueError, match="regions"):  # output channel order: WT of one would average with TC
+        EnsemblePredictor([_predictor(0), _predictor(1, regions={"TC": [1], "WT": [1, 2]})])
+    EnsemblePredictor([_predictor(0), _predictor(1, heads=["classification", "segmentation"])])
     with pytest.raises(ValueError, match="at least two"):
         EnsemblePredictor([_predictor(0)])
+    with pytest.raises(TypeError, match="from_pretrained_runs"):
+        EnsemblePredictor.from_pretrained("runs/a")
 
 
 def test_val_split_of_an_ensemble_is_the_members_common_one(tmp_path):

@@ -108,7 +108,7 @@ def test_cnn_classifier_trains_on_official_split_and_scores_test_once(adrenal, t
         train(adrenal, _cnn_config(), tmp_path / "fold1", fold=1, progress=False)
 
 
-def test_runs_of_two_seeds_evaluate_and_predict_as_one_ensemble(adrenal, tmp_path):
+def test_runs_of_two_seeds_evaluate_and_predict_as_one_ensemble(adrenal, tmp_path, capsys):
     runs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
     for seed, run in zip((0, 1), runs):
         train(adrenal, _cnn_config(seed=seed), run, progress=False)
@@ -130,6 +130,9 @@ def test_runs_of_two_seeds_evaluate_and_predict_as_one_ensemble(adrenal, tmp_pat
     # several runs need a named output folder: nothing is written into a member's run folder
     assert main(["evaluate", *map(str, runs), str(adrenal), "--split", "val", "-q"]) == 2
     assert not (runs[0] / "evaluation_val").exists()
+    capsys.readouterr()
+    assert main(["evaluate", *map(str, runs), "-q"]) == 2  # the dataset forgotten: the last run is not read as one
+    assert "is a run folder" in capsys.readouterr().err
     # predict -m with both runs writes the ensemble's probabilities
     case = next(c for c in load_dataset(adrenal)[1] if c.case_id == rows[1].split(",")[0])
     assert main(["predict", "-m", *map(str, runs), "-i", str(case.image_files[0]), "-o", str(tmp_path / "pred"),

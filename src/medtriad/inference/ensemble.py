@@ -1,9 +1,13 @@
 """Ensembles: several trained runs predicting as one model (nnU-Net's fold ensembling, here any runs of one task set).
 
 Per case the image is read and normalised once; each member predicts on the model grid with its own inference
-settings (windows, mirroring); then region probabilities, class probabilities and heatmaps are averaged, and the
-members' boxes are pooled and merged by NMS, as the windows of one model are. The first run's settings decide what
-happens after that (segmentation threshold, largest components, score threshold).
+settings (windows, mirroring); then region probabilities, class probabilities and heatmaps are averaged (a heatmap
+over the members that make one: slice2d plugin models). Boxes are pooled and merged by NMS, as the windows of one
+model are, and each kept box is scored as the mean over members of that member's best score for a box overlapping it
+by the NMS threshold (0 for a member that found nothing there): a box only one of N members found keeps 1/N of its
+score, so adding members does not add their false positives at full confidence (the fusion idea of weighted box
+fusion, with the winning box's coordinates kept). The first run's settings decide what happens after that (NMS
+threshold and maximum detections, segmentation threshold, largest components, score threshold).
 
 Members must agree on what goes in and what comes out: channels, spacing, normalisation, heads, regions, labels and
 tasks. Their encoders and recipes may differ (a ``swin`` run beside a ``resenc`` run, runs of several seeds or folds).
@@ -15,12 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.data.box_utils import non_max_suppression
+from monai.data.box_utils import box_iou, non_max_suppression
 
 from medtriad.inference.predictor import GridOutput, Predictor
 
 # ModelSpec fields every member must share: they fix the input the members read and the meaning of their outputs
 SHARED_SPEC_FIELDS = ("channel_names", "spacing", "normalization", "heads", "regions", "labels", "tasks")
+
+
+def _comparable(spec, key: str):
+    """A spec field as the members must agree on it: region order is output channel order; head order means nothing."""
+    value = getattr(spec, key)
+    return list(value.items()) if key == "regions" else sorted(value) if key == "heads" else value
 
 
 class EnsemblePredictor(Predictor):
@@ -40,13 +50,21 @@ class EnsemblePredictor(Predictor):
         for name, member in zip(names[1:], members[1:]):
             for key in SHARED_SPEC_FIELDS:
                 mine, theirs = getattr(member.spec, key), getattr(first.spec, key)
-                if mine != theirs:
+                if _comparable(member.spec, key) != _comparable(first.spec, key):
                     raise ValueError(f"{name}: model {key} {mine} differs from {theirs} of {names[0]}; the members "
                                      f"of an ensemble must share {', '.join(SHARED_SPEC_FIELDS)}")
         self.members = list(members)
         self.names = names
         self.device, self.model, self.spec = first.device, first.model, first.spec
         self.inference, self.heatmaps = first.inference, first.heatmaps
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise TypeError("an ensemble is built from several runs: EnsemblePredictor.from_pretrained_runs([...])")
+
+    @classmethod
+    def from_plugins(cls, *args, **kwargs):
+        raise TypeError("plugins on one backbone are one model: Predictor.from_plugins(...)")
 
     @classmethod
     def from_pretrained_runs(cls, paths: Sequence[str | Path], device: str | None = None, checkpoint: str = "best",
@@ -68,11 +86,24 @@ class EnsemblePredictor(Predictor):
             out.region_probs = torch.stack([o.region_probs for o in outputs]).mean(0)
         out.class_probs = {task: torch.stack([o.class_probs[task] for o in outputs]).mean(0)
                            for task in first.class_probs}
-        out.heatmaps = {task: torch.stack([o.heatmaps[task] for o in outputs]).mean(0) for task in first.heatmaps}
-        boxes, scores = torch.cat([o.boxes for o in outputs]), torch.cat([o.scores for o in outputs])
-        if len(boxes):
-            keep = non_max_suppression(boxes, scores, self.inference.nms_threshold,
-                                       max_proposals=self.inference.max_detections)
-            boxes, scores = boxes[keep], scores[keep]
-        out.boxes, out.scores = boxes, scores
+        for task in dict.fromkeys(t for o in outputs for t in o.heatmaps):
+            out.heatmaps[task] = torch.stack([o.heatmaps[task] for o in outputs if task in o.heatmaps]).mean(0)
+        out.boxes, out.scores = self._merge_boxes(outputs)
         return out
+
+    def _merge_boxes(self, outputs: list[GridOutput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled boxes -> NMS winners, each scored by the members' mean best overlapping score (see module doc)."""
+        boxes, scores = torch.cat([o.boxes for o in outputs]), torch.cat([o.scores for o in outputs])
+        if not len(boxes):
+            return boxes, scores
+        keep = non_max_suppression(boxes, scores, self.inference.nms_threshold,
+                                   max_proposals=self.inference.max_detections)
+        kept = boxes[keep]
+        fused = torch.zeros(len(kept))
+        for o in outputs:
+            if len(o.boxes):
+                overlap = box_iou(kept, o.boxes) >= self.inference.nms_threshold
+                fused += torch.where(overlap, o.scores[None, :], torch.zeros(())).amax(1)
+        fused /= len(outputs)
+        order = torch.argsort(fused, descending=True)
+        return kept[order], fused[order]
