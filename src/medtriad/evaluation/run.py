@@ -13,12 +13,7 @@ from tqdm import tqdm
 from medtriad.data.layout import Case, load_dataset, read_splits
 from medtriad.data.transforms import load_sample
 from medtriad.evaluation.evaluate import evaluate_samples, write_results
-from medtriad.inference.ensemble import EnsemblePredictor
-
-
-def run_folders(run: str | Path | Sequence[str | Path]) -> list[Path]:
-    """One run folder or several (an ensemble) as a list."""
-    return [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
+from medtriad.inference.ensemble import EnsemblePredictor, run_folders
 
 
 def split_cases(run: str | Path | Sequence[str | Path], cases: list[Case], split: str,

@@ -27,6 +27,11 @@ from medtriad.inference.predictor import GridOutput, Predictor
 SHARED_SPEC_FIELDS = ("channel_names", "spacing", "normalization", "heads", "regions", "labels", "tasks")
 
 
+def run_folders(run: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One run folder or several (an ensemble) as a list."""
+    return [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
+
+
 def _comparable(spec, key: str):
     """A spec field as the members must agree on it: region order is output channel order; head order means nothing."""
     value = getattr(spec, key)
@@ -49,10 +54,10 @@ class EnsemblePredictor(Predictor):
         first = members[0]
         for name, member in zip(names[1:], members[1:]):
             for key in SHARED_SPEC_FIELDS:
-                mine, theirs = getattr(member.spec, key), getattr(first.spec, key)
                 if _comparable(member.spec, key) != _comparable(first.spec, key):
-                    raise ValueError(f"{name}: model {key} {mine} differs from {theirs} of {names[0]}; the members "
-                                     f"of an ensemble must share {', '.join(SHARED_SPEC_FIELDS)}")
+                    raise ValueError(f"{name}: model {key} {getattr(member.spec, key)} differs from "
+                                     f"{getattr(first.spec, key)} of {names[0]}; the members of an ensemble must "
+                                     f"share {', '.join(SHARED_SPEC_FIELDS)}")
         self.members = list(members)
         self.names = names
         self.device, self.model, self.spec = first.device, first.model, first.spec
@@ -67,10 +72,12 @@ class EnsemblePredictor(Predictor):
         raise TypeError("plugins on one backbone are one model: Predictor.from_plugins(...)")
 
     @classmethod
-    def from_pretrained_runs(cls, paths: Sequence[str | Path], device: str | None = None, checkpoint: str = "best",
-                             heatmaps: bool = False, inference: dict | None = None) -> Predictor:
+    def from_pretrained_runs(cls, paths: str | Path | Sequence[str | Path], device: str | None = None,
+                             checkpoint: str = "best", heatmaps: bool = False,
+                             inference: dict | None = None) -> Predictor:
         """One :meth:`Predictor.from_pretrained` per run folder (or checkpoint folder), the same ``checkpoint``
         and ``inference`` overrides for each; a single path gives that run's plain Predictor."""
+        paths = run_folders(paths)
         if not paths:
             raise ValueError("no run folder given")
         members = [Predictor.from_pretrained(p, device=device, checkpoint=checkpoint, heatmaps=heatmaps,

@@ -74,8 +74,7 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
     the model's inference settings by key (``{"mirror_axes": []}``)."""
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts} and {part_id}")
-    models = [model] if isinstance(model, (str, Path)) else list(model)
-    predictor = EnsemblePredictor.from_pretrained_runs(models, device=device, heatmaps=heatmaps, inference=inference)
+    predictor = EnsemblePredictor.from_pretrained_runs(model, device=device, heatmaps=heatmaps, inference=inference)
     spec = predictor.spec
     cases = discover_cases(inputs, spec.channel_names)[part_id::num_parts]
     out.mkdir(parents=True, exist_ok=True)
