@@ -42,9 +42,10 @@ def test_two_process_training_resume_and_gathered_metrics(synth_dataset, tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' thread count: convolution sums then add up in the same order
     try:
-        _, single = evaluate_run(run, synth_dataset, split="val", checkpoint="last", progress=False)
+        out_dir, single = evaluate_run(run, synth_dataset, split="val", checkpoint="last", progress=False)
     finally:
         torch.set_num_threads(threads)
+    assert out_dir == run / "evaluation_val_last"  # the CLI's default folder: never over the best checkpoint's
     for key, stats in single["segmentation"].items():
         assert gathered["segmentation"][key]["mean"] == pytest.approx(stats["mean"], abs=1e-5), key
     assert gathered["detection"]["AP_IoU_0.10"] == pytest.approx(single["detection"]["AP_IoU_0.10"], abs=1e-6)

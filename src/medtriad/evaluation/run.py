@@ -53,8 +53,8 @@ def split_cases(run: str | Path | Sequence[str | Path], cases: list[Case], split
 def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: str = "val", device: str | None = None,
                  output: str | Path | None = None, checkpoint: str = "best",
                  progress: bool = True, inference: dict | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write ``per_case.csv`` and ``summary.json`` to ``output`` (default ``RUN/evaluation_<split>``; required for
-    several runs).
+    """Write ``per_case.csv`` and ``summary.json`` to ``output`` (default ``RUN/evaluation_<split>``, with ``_last``
+    appended for ``checkpoint="last"``; required for several runs).
 
     ``run`` is one run folder, or several: their predictions are averaged (:mod:`medtriad.inference.ensemble`).
 
@@ -72,6 +72,6 @@ def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: s
     samples = (load_sample(c, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)
                for c in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress))
     rows, summary, _ = evaluate_samples(predictor, samples)
-    out = Path(output) if output else runs[0] / f"evaluation_{split}"
+    out = Path(output) if output else runs[0] / (f"evaluation_{split}" + ("_last" if checkpoint == "last" else ""))
     write_results(out, rows, summary)
     return out, summary
