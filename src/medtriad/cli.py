@@ -110,8 +110,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if len(args.run) > 1 and not args.output:
         raise ValueError(f"{len(args.run)} runs are evaluated as one ensemble: name its output folder with -o")
     out, summary = evaluate_run([Path(r) for r in args.run], Path(args.dataset), split=args.split,
-                                device=args.device, output=args.output, checkpoint=args.checkpoint, progress=not args.quiet,
-                                inference=_inference_overrides(args.set))
+                                device=args.device, output=args.output, checkpoint=args.checkpoint,
+                                progress=not args.quiet, inference=_inference_overrides(args.set))
     print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str)[:4000])
     print(f"per-case metrics and summary written to {out}")
     return 0
