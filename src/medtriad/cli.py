@@ -107,8 +107,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if (Path(args.dataset) / "model.json").is_file():
         raise ValueError(f"{args.dataset} is a run folder: the last folder before the options must be the dataset "
                          f"(medtriad evaluate RUN [RUN ...] DATASET [options])")
-    if len(args.run) > 1 and not args.output:
-        raise ValueError(f"{len(args.run)} runs are evaluated as one ensemble: name its output folder with -o")
     out, summary = evaluate_run([Path(r) for r in args.run], Path(args.dataset), split=args.split,
                                 device=args.device, output=args.output, checkpoint=args.checkpoint,
                                 progress=not args.quiet, inference=_inference_overrides(args.set))

@@ -64,7 +64,8 @@ def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: s
     """
     runs = run_folders(run)
     if len(runs) > 1 and output is None:
-        raise ValueError("evaluating an ensemble of several runs needs an output folder")
+        raise ValueError(f"{len(runs)} runs are evaluated as one ensemble: name its output folder "
+                         f"(-o on the command line), nothing is written into a member's run folder")
     predictor = EnsemblePredictor.from_pretrained_runs(runs, device=device, checkpoint=checkpoint,
                                                        inference=inference)
     spec, cases = load_dataset(dataset)
