@@ -49,6 +49,13 @@ def test_bad_ema_decay_and_zoom_prob_fail_when_the_config_is_read():
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match="zoom_prob"):
             Config.load("tiny", {"data.zoom_prob": bad})
+    planes = [[0, 1], [0, 2], [1, 2]]
+    assert Config.load("tiny", {"data.rotation_planes": planes}).data.rotation_planes == tuple(planes)
+    for bad in ([[0, 0]], [[0, 3]], [0, 1], [[0, 1, 2]]):
+        with pytest.raises(ValueError, match="rotation_planes"):
+            Config.load("tiny", {"data.rotation_planes": bad})
+    with pytest.raises(ValueError, match="square"):
+        Config.load("tiny", {"data.patch_size": [32, 32, 16], "data.rotation_planes": [[1, 2]]})
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="classification_dropout"):
             Config.load("tiny", {"model.classification_dropout": bad})

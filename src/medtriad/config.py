@@ -30,6 +30,10 @@ class DataConfig:
         normalization: per-channel intensity normalisation, ``nonzero`` (z-score on non-zero voxels: skull-stripped
             MRI), ``all`` (z-score on all voxels) or ``none``.
         zoom_prob: chance of a random zoom (scale 0.85-1.15) per training patch; 0 = no scaling augmentation.
+        rotation_planes: axis pairs of the random 90-degree rotations, e.g. ``[[0, 1], [0, 2], [1, 2]]`` for all 24
+            orientations of a cube (with the flips: the full symmetry group, for data without a preferred
+            orientation such as vessel segments); the patch must be square in each plane named. ``null`` (default):
+            the x-y plane where the patch is square there, else none.
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -38,10 +42,18 @@ class DataConfig:
     min_patch_box_voxels: int = 8
     normalization: str = "nonzero"
     zoom_prob: float = 0.3
+    rotation_planes: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.zoom_prob <= 1.0:  # MONAI would clip it silently
             raise ValueError(f"data.zoom_prob must be a probability in [0, 1], got {self.zoom_prob}")
+        for plane in self.rotation_planes or []:
+            if (not isinstance(plane, (list, tuple)) or len(plane) != 2 or not all(a in (0, 1, 2) for a in plane)
+                    or plane[0] == plane[1]):
+                raise ValueError(f"data.rotation_planes holds pairs of two different axes from 0, 1, 2; got {plane}")
+            if self.patch_size[plane[0]] != self.patch_size[plane[1]]:
+                raise ValueError(f"data.rotation_planes: plane {list(plane)} needs a patch square in it; patch_size is "
+                                 f"{list(self.patch_size)}")
 
 
 @dataclass

@@ -1,22 +1,34 @@
 """Training augmentation: which transforms may change an object's size."""
 
+import pytest
 import torch
 
 from medtriad.data.transforms import training_transforms
 
 
-def _draws(zoom_prob: float, n: int = 24) -> list[int]:
-    """Foreground voxel counts of a 9x7x5 box in a 24^3 volume after ``n`` augmented draws of the whole volume."""
+def _augmented(zoom_prob: float, n: int = 24, rotation_planes=None) -> list[torch.Tensor]:
+    """``n`` augmented draws (the whole volume) of a 9x7x5 box in a 24^3 volume: the region masks."""
     regions = torch.zeros((1, 24, 24, 24), dtype=torch.float32)
     regions[0, 6:15, 8:15, 10:15] = 1
     data = {"image": regions.clone(), "regions": regions, "instances": regions.to(torch.int32),
             "foreground": regions}
-    transforms = training_transforms((24, 24, 24), foreground_ratio=1.0, zoom_prob=zoom_prob)
-    counts = []
+    transforms = training_transforms((24, 24, 24), foreground_ratio=1.0, zoom_prob=zoom_prob,
+                                     rotation_planes=rotation_planes)
+    out = []
     for seed in range(n):
         transforms.set_random_state(seed=seed)
-        counts.append(int(torch.as_tensor(transforms(dict(data))[0]["regions"]).sum()))
-    return counts
+        out.append(torch.as_tensor(transforms(dict(data))[0]["regions"]))
+    return out
+
+
+def _draws(zoom_prob: float, n: int = 24) -> list[int]:
+    """Foreground voxel counts of the box after ``n`` draws."""
+    return [int(r.sum()) for r in _augmented(zoom_prob, n)]
+
+
+def _extents(regions: torch.Tensor) -> tuple[int, ...]:
+    """The box's extent along each axis."""
+    return tuple(int(regions[0].any(dim=tuple(d for d in range(3) if d != axis)).sum()) for axis in range(3))
 
 
 def test_zoom_off_keeps_object_size_exactly():
@@ -25,3 +37,16 @@ def test_zoom_off_keeps_object_size_exactly():
     assert _draws(zoom_prob=0.0) == [9 * 7 * 5] * 24
     zoomed = _draws(zoom_prob=1.0)
     assert sum(c != 9 * 7 * 5 for c in zoomed) >= 12, zoomed
+
+
+def test_rotation_planes_set_which_orientations_a_patch_takes():
+    """By default 90-degree rotations turn the x-y plane only, so the box's z extent stays 5; with all three planes
+    (``data.rotation_planes``) each of its three extents reaches the z axis, and the box never changes size."""
+    default = {_extents(r) for r in _augmented(0.0, 32)}
+    assert {e[2] for e in default} == {5}
+    assert {e[0] for e in default} == {9, 7}
+    every = _augmented(0.0, 48, rotation_planes=[(0, 1), (0, 2), (1, 2)])
+    assert {_extents(r)[2] for r in every} == {9, 7, 5}
+    assert {int(r.sum()) for r in every} == {9 * 7 * 5}
+    with pytest.raises(ValueError, match="square"):
+        training_transforms((24, 24, 16), 1.0, 0.0, rotation_planes=[(0, 2)])

@@ -225,14 +225,16 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     return sample
 
 
-def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float) -> Compose:
+def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float,
+                        rotation_planes: Sequence[Sequence[int]] | None = None) -> Compose:
     """Patch sampling and augmentation over keys ``image``, ``regions``, ``instances``.
 
     ``zoom_prob`` is the chance of a random zoom (0.85-1.15) per patch; 0 switches scaling off, for data whose
-    object size is the signal.
+    object size is the signal. ``rotation_planes``: the axis pairs of random 90-degree rotations (each applied with
+    probability 0.5, k in 1..3); None: the x-y plane when the patch is square there (so it keeps its shape), else none.
 
     Expects ``foreground`` (1, X, Y, Z) for the positive/negative crop and a volume at least ``patch_size`` large
-    (see :func:`pad_to`). Rotations are in the x-y plane only, so non-cubic patches keep their shape when x == y.
+    (see :func:`pad_to`).
     """
     keys = ["image", "regions", "instances"]
     spatial = [
@@ -244,8 +246,12 @@ def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom
         RandZoomd(keys, prob=zoom_prob, min_zoom=0.85, max_zoom=1.15, mode=("trilinear", "nearest", "nearest"),
                   keep_size=True),
     ]
-    if patch_size[0] == patch_size[1]:
-        spatial.insert(4, RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
+    if rotation_planes is None:
+        rotation_planes = [(0, 1)] if patch_size[0] == patch_size[1] else []
+    for plane in rotation_planes:
+        if patch_size[plane[0]] != patch_size[plane[1]]:
+            raise ValueError(f"a 90-degree rotation in plane {tuple(plane)} needs a patch square in it, got {patch_size}")
+    spatial[4:4] = [RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=tuple(plane)) for plane in rotation_planes]
     intensity = [
         RandScaleIntensityd("image", factors=0.15, prob=0.5),
         RandShiftIntensityd("image", offsets=0.15, prob=0.5),

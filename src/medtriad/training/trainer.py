@@ -165,7 +165,8 @@ class Trainer:
         if "segmentation" in heads and any(s.regions is None for s in self.train_samples):
             missing = [s.case_id for s in self.train_samples if s.regions is None]
             raise DatasetInvalidError(f"segmentation training needs a label file for every case; missing: {missing}")
-        self.transforms = training_transforms(cfg.data.patch_size, cfg.data.foreground_ratio, cfg.data.zoom_prob)
+        self.transforms = training_transforms(cfg.data.patch_size, cfg.data.foreground_ratio, cfg.data.zoom_prob,
+                                              cfg.data.rotation_planes)
         self.seg_loss = SegmentationLoss()
         self.cls_loss = ClassificationLoss({t: (v["kind"], ModelSpec.task_outputs(v))
                                             for t, v in self.model_spec.tasks.items()})
