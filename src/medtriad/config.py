@@ -151,6 +151,11 @@ class InferenceConfig:
             feeds every head: segmentation probabilities are averaged, boxes flipped back and merged by NMS, the
             classification pooling runs over the tokens of all copies. Validation during training never mirrors (it
             only ranks epochs); ``evaluate`` and ``predict`` do. Slice-plugin (slice2d) models do not mirror.
+        permute_axes: test-time transposition: every order of these grid axes is one more copy of each window,
+            combined with every mirrored copy (``[0, 1, 2]`` with ``mirror_axes: [0, 1, 2]``: all 48 symmetries of
+            a cube, 48 passes); outputs are transposed back as mirrored ones are flipped back. The window must have
+            equal sizes along these axes. For models trained with ``data.rotation_planes`` in those planes; like
+            mirroring, never during training's validation, not for slice2d models.
         segmentation_threshold: region probability above which a region counts as present when the label map is
             decoded (see :func:`medtriad.inference.predictor.decode_labels`).
         largest_components: post-processing of the decoded label map (nnU-Net's "keep the largest foreground
@@ -166,6 +171,7 @@ class InferenceConfig:
     nms_threshold: float = 0.1
     max_detections: int = 20
     mirror_axes: tuple[int, ...] = ()
+    permute_axes: tuple[int, ...] = ()
     segmentation_threshold: float = 0.5
     largest_components: int | None = None
 
@@ -177,6 +183,10 @@ class InferenceConfig:
         axes = list(self.mirror_axes)
         if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")
+        axes = list(self.permute_axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes) or len(axes) == 1:
+            raise ValueError(f"inference.permute_axes must be none or at least two distinct grid axes among 0, 1, 2; "
+                             f"got {axes}")
 
 
 @dataclass

@@ -12,7 +12,8 @@ from medtriad.config import InferenceConfig
 from medtriad.data.boxes import voxel_box_to_world
 from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, pad_to, read_channels
-from medtriad.inference.predictor import Predictor, decode_labels, keep_largest_components, unflip_boxes
+from medtriad.inference.predictor import (Predictor, decode_labels, keep_largest_components, test_time_copies,
+                                         unflip_boxes)
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
@@ -186,6 +187,49 @@ def test_mirroring_makes_every_head_flip_equivariant():
     for bad in [(3,), (0, 0)]:
         with pytest.raises(ValueError, match="mirror_axes"):
             Predictor(model, InferenceConfig(mirror_axes=bad), "cpu")
+
+
+def test_permuting_axes_makes_every_head_transpose_equivariant():
+    """With test-time copies closed under swapping two axes (every order of the permuted axes, with or without the
+    flips), a scan with those axes swapped runs the encoder on the same copies as the scan itself: region
+    probabilities come out transposed, boxes with those coordinates swapped, class probabilities unchanged. Without
+    the copies a random network is not equivariant, so the test can fail."""
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder="resenc", in_channels=1, channel_names=["MRA"],
+                     heads=["segmentation", "detection", "classification"], spacing=[1.0, 1.0, 1.0],
+                     encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]},
+                     regions={"lesion": [1]}, labels={"background": 0, "lesion": 1},
+                     tasks={"aneurysm": {"kind": "binary", "classes": ["no", "yes"]}},
+                     detection={"anchor_shapes": [[3, 3, 3], [5, 4, 4]]})
+    model = MultiTaskModel(spec)
+    model.heads["detection"].detector.set_box_selector_parameters(
+        score_thresh=0.0, topk_candidates_per_level=100, nms_thresh=0.1, detections_per_img=20)
+    assert len(test_time_copies((0, 1, 2), (0, 1, 2))) == 48 and test_time_copies((), ())[0] == ([0, 1, 2], [])
+    image = torch.randn(1, 32, 32, 32)  # the encoder's size divisor: no padding, and a 2^3 deepest map
+    plain = Predictor(model, InferenceConfig(score_threshold=0.0), "cpu")
+    for mirror, permute, (a, b) in [((0, 1, 2), (0, 1), (0, 1)), ((), (0, 1, 2), (0, 2)), ((), (1, 2), (1, 2))]:
+        predictor = Predictor(model, InferenceConfig(mirror_axes=mirror, permute_axes=permute, score_threshold=0.0),
+                              "cpu")
+        reference = predictor.predict_grid(image)
+        assert len(reference.boxes) > 0
+        order = [0, 1, 2, 3]
+        order[a + 1], order[b + 1] = b + 1, a + 1
+        swapped = predictor.predict_grid(image.permute(order))
+        torch.testing.assert_close(swapped.region_probs, reference.region_probs.permute(order), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(swapped.class_probs["aneurysm"], reference.class_probs["aneurysm"],
+                                   atol=1e-5, rtol=1e-4)
+        columns = [0, 1, 2]
+        columns[a], columns[b] = b, a
+        expected = reference.boxes[:, columns + [c + 3 for c in columns]]
+        got, want = swapped.boxes[torch.argsort(swapped.scores)], expected[torch.argsort(reference.scores)]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        transposed = plain.predict_grid(image).region_probs.permute(order)
+        assert (plain.predict_grid(image.permute(order)).region_probs - transposed).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="permute_axes"):  # a window of unequal sizes along permuted axes
+        Predictor(model, InferenceConfig(permute_axes=(0, 1)), "cpu").predict_grid(torch.randn(1, 64, 32, 32))
+    for bad in [(1,), (0, 0), (0, 3)]:
+        with pytest.raises(ValueError, match="permute_axes"):
+            InferenceConfig(permute_axes=bad)
 
 
 def test_padding_centres_the_volume_as_training_does():

@@ -5,9 +5,9 @@ window; otherwise Gaussian-weighted sliding windows (MONAI's ``dense_patch_slice
 Per window the encoder runs once; the segmentation head's probabilities are blended, the detection head's boxes are
 shifted into volume coordinates and merged by NMS, and the classification head's attention tokens are gathered so
 that the case-level attention pooling runs over the tokens of all windows at once (the same pooling as one window
-holding the whole volume). Test-time mirroring (``inference.mirror_axes``) treats each mirrored copy of a window as
-one more window: one encoder pass per copy feeds every head, probabilities and boxes are flipped back, and the
-pooling and NMS run over all copies.
+holding the whole volume). Test-time mirroring (``inference.mirror_axes``) and axis transposition
+(``inference.permute_axes``) treat each copy of a window as one more window: one encoder pass per copy feeds every
+head, probabilities and boxes are mapped back, and the pooling and NMS run over all copies.
 
 Outputs are mapped back through :class:`medtriad.data.transforms.Geometry`: region probabilities are resampled to
 the input grid and decoded into the training label convention (BraTS 0/1/2/4 stays 0/1/2/4) by choosing, per voxel,
@@ -171,22 +171,28 @@ class Predictor:
         probs = torch.zeros((len(self.spec.regions), *padded_shape), device=self.device) if seg else None
         weights = torch.zeros(padded_shape, device=self.device) if seg else None
         boxes, scores, tokens = [], [], {}
-        axes = self.inference.mirror_axes
-        flips = [list(c) for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]  # [] first
+        copies = test_time_copies(self.inference.mirror_axes, self.inference.permute_axes)
+        if len({roi[a] for a in self.inference.permute_axes}) > 1:
+            raise ValueError(f"inference.permute_axes {list(self.inference.permute_axes)} needs a window of equal size "
+                             f"along those axes; the window is {list(roi)} (set inference.roi_size to a cube, or "
+                             f"permute only axes of equal size)")
         for window in slices:
             region = (slice(None), slice(None), *window)
             offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
-            for flipped in flips:  # one encoder pass per window and mirrored copy feeds every head
+            for perm, flipped in copies:  # one encoder pass per window and test-time copy feeds every head
                 dims = [a + 2 for a in flipped]  # grid axes -> batch tensor dims
-                features = self.model.encoder(torch.flip(x[region], dims) if dims else x[region])
+                view = torch.flip(x[region], dims) if dims else x[region]
+                inverse = [perm.index(a) for a in range(3)]
+                features = self.model.encoder(view.permute(0, 1, *(a + 2 for a in perm)))
                 if seg is not None:
-                    window_probs = torch.sigmoid(seg(features))
+                    window_probs = torch.sigmoid(seg(features)).permute(0, 1, *(a + 2 for a in inverse))
                     window_probs = torch.flip(window_probs, dims) if dims else window_probs
                     probs[(slice(None), *window)] += window_probs[0] * weight_map
                     weights[window] += weight_map
                 if "detection" in heads:
-                    det = heads["detection"](features, roi)[0]
-                    boxes.append(unflip_boxes(det["boxes"].float(), flipped, roi) + offset)
+                    det = heads["detection"](features, roi)[0]  # roi: the same along permuted axes
+                    found = det["boxes"].float()[:, inverse + [a + 3 for a in inverse]]
+                    boxes.append(unflip_boxes(found, flipped, roi) + offset)
                     scores.append(det["labels_scores"].float())
                 if "classification" in heads:
                     for task, (s, v) in heads["classification"].encode(features).items():
@@ -196,7 +202,7 @@ class Predictor:
             out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *inside)].cpu()
         if boxes:
             all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
-            if len(slices) * len(flips) > 1 and len(all_boxes):
+            if len(slices) * len(copies) > 1 and len(all_boxes):
                 keep = non_max_suppression(all_boxes, all_scores, self.inference.nms_threshold,
                                            max_proposals=self.inference.max_detections)
                 all_boxes, all_scores = all_boxes[keep], all_scores[keep]
@@ -287,6 +293,21 @@ class Predictor:
         image, _, geometry = preprocess_images(channels, affine, self.spec.spacing, case_id,
                                                     self.spec.normalization)
         return self.to_input_grid(case_id, geometry, self.predict_grid(image))
+
+
+def test_time_copies(mirror_axes: Sequence[int], permute_axes: Sequence[int] = ()
+                     ) -> list[tuple[list[int], list[int]]]:
+    """Every test-time copy of a window as (axis order, flipped axes): each order of ``permute_axes`` (the other
+    axes stay) combined with each subset of ``mirror_axes`` flipped; the unchanged window comes first. A copy is the
+    window flipped along the flipped axes, then transposed so that its axis i is the flipped window's axis order[i]."""
+    flips = [list(c) for k in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, k)]
+    orders = []
+    for order in itertools.permutations(sorted(permute_axes)):
+        perm = [0, 1, 2]
+        for axis, source in zip(sorted(permute_axes), order):
+            perm[axis] = source
+        orders.append(perm)
+    return [(perm, flipped) for perm in orders for flipped in flips]
 
 
 def unflip_boxes(boxes: torch.Tensor, axes: Sequence[int], size: Sequence[int]) -> torch.Tensor:

@@ -477,8 +477,8 @@ class Trainer:
                                       "loss_weights": self.balancer.weights()}
             last_epoch = epoch + 1 == cfg.training.epochs or out_of_time()
             if (epoch + 1) % cfg.training.validate_every == 0 or last_epoch:
-                predictor = Predictor(self._scored_model(), dataclasses.replace(cfg.inference, mirror_axes=()),
-                                      str(self.device))  # no mirroring: it only ranks epochs
+                plain = dataclasses.replace(cfg.inference, mirror_axes=(), permute_axes=())  # no test-time copies:
+                predictor = Predictor(self._scored_model(), plain, str(self.device))  # validation only ranks epochs
                 mine = [score_case(predictor, s)[0] for s in tqdm(self.val_samples, desc="validate", unit="case",
                                                                    disable=not self.progress, leave=False)]
                 scores = [s for part in gather(mine, self.world) for s in part]  # every rank's cases
