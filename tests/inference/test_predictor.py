@@ -12,8 +12,7 @@ from medtriad.config import InferenceConfig
 from medtriad.data.boxes import voxel_box_to_world
 from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, pad_to, read_channels
-from medtriad.inference.predictor import (Predictor, decode_labels, keep_largest_components, test_time_copies,
-                                         unflip_boxes)
+from medtriad.inference.predictor import Predictor, decode_labels, keep_largest_components, unflip_boxes, window_copies
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
@@ -204,7 +203,7 @@ def test_permuting_axes_makes_every_head_transpose_equivariant():
     model = MultiTaskModel(spec)
     model.heads["detection"].detector.set_box_selector_parameters(
         score_thresh=0.0, topk_candidates_per_level=100, nms_thresh=0.1, detections_per_img=20)
-    assert len(test_time_copies((0, 1, 2), (0, 1, 2))) == 48 and test_time_copies((), ())[0] == ([0, 1, 2], [])
+    assert len(window_copies((0, 1, 2), (0, 1, 2))) == 48 and window_copies((), ())[0] == ([0, 1, 2], [])
     image = torch.randn(1, 32, 32, 32)  # the encoder's size divisor: no padding, and a 2^3 deepest map
     plain = Predictor(model, InferenceConfig(score_threshold=0.0), "cpu")
     for mirror, permute, (a, b) in [((0, 1, 2), (0, 1), (0, 1)), ((), (0, 1, 2), (0, 2)), ((), (1, 2), (1, 2))]:

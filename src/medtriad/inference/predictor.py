@@ -171,7 +171,7 @@ class Predictor:
         probs = torch.zeros((len(self.spec.regions), *padded_shape), device=self.device) if seg else None
         weights = torch.zeros(padded_shape, device=self.device) if seg else None
         boxes, scores, tokens = [], [], {}
-        copies = test_time_copies(self.inference.mirror_axes, self.inference.permute_axes)
+        copies = window_copies(self.inference.mirror_axes, self.inference.permute_axes)
         if len({roi[a] for a in self.inference.permute_axes}) > 1:
             raise ValueError(f"inference.permute_axes {list(self.inference.permute_axes)} needs a window of equal size "
                              f"along those axes; the window is {list(roi)} (set inference.roi_size to a cube, or "
@@ -295,8 +295,7 @@ class Predictor:
         return self.to_input_grid(case_id, geometry, self.predict_grid(image))
 
 
-def test_time_copies(mirror_axes: Sequence[int], permute_axes: Sequence[int] = ()
-                     ) -> list[tuple[list[int], list[int]]]:
+def window_copies(mirror_axes: Sequence[int], permute_axes: Sequence[int] = ()) -> list[tuple[list[int], list[int]]]:
     """Every test-time copy of a window as (axis order, flipped axes): each order of ``permute_axes`` (the other
     axes stay) combined with each subset of ``mirror_axes`` flipped; the unchanged window comes first. A copy is the
     window flipped along the flipped axes, then transposed so that its axis i is the flipped window's axis order[i]."""
