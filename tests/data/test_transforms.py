@@ -50,3 +50,29 @@ def test_rotation_planes_set_which_orientations_a_patch_takes():
     assert {int(r.sum()) for r in every} == {9 * 7 * 5}
     with pytest.raises(ValueError, match="square"):
         training_transforms((24, 24, 16), 1.0, 0.0, rotation_planes=[(0, 2)])
+
+
+def test_patches_are_plain_tensors_and_metadata_tracking_is_restored():
+    """Training patches come out as plain tensors (a MetaTensor batch routes every layer of the forward pass through
+    MONAI's ``__torch_function__``), with the same draws as MONAI's own Compose, and MONAI's global tracking switch
+    is left as it was."""
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import Compose
+
+    regions = torch.zeros((1, 24, 24, 24), dtype=torch.float32)
+    regions[0, 6:15, 8:15, 10:15] = 1
+    data = {"image": regions + 0.5, "regions": regions, "instances": regions.to(torch.int32), "foreground": regions}
+    def build():
+        return training_transforms((16, 16, 16), 1.0, 0.0, rotation_planes=[(0, 1), (0, 2), (1, 2)])
+
+    plain, tracked = build(), Compose(build().transforms)  # separate transform objects: separate random streams
+    assert get_track_meta()
+    for seed in range(6):
+        plain.set_random_state(seed=seed)
+        tracked.set_random_state(seed=seed)
+        out, reference = plain(dict(data))[0], tracked(dict(data))[0]
+        assert get_track_meta()
+        for key in ("image", "regions"):
+            assert type(out[key]) is torch.Tensor
+            assert isinstance(reference[key], MetaTensor)
+            torch.testing.assert_close(out[key], reference[key].as_tensor())

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     NormalizeIntensity,
@@ -225,8 +226,26 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     return sample
 
 
+class PlainCompose(Compose):
+    """MONAI's ``Compose``, run with MetaTensor tracking off: plain tensors in, plain tensors out.
+
+    The training patches need no metadata (their geometry is the volume's, already resampled), and a MetaTensor
+    costs twice over: the transforms ran 2x slower with it, and a batch stacked from MetaTensors routed the whole
+    forward pass through ``MetaTensor.__torch_function__`` (+35 % per step for ``medmnist-cnn``; docs/benchmarks.md).
+    Tracking is a MONAI-wide switch, so it is restored after each call.
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        finally:
+            set_track_meta(tracking)
+
+
 def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float,
-                        rotation_planes: Sequence[Sequence[int]] | None = None) -> Compose:
+                        rotation_planes: Sequence[Sequence[int]] | None = None) -> PlainCompose:
     """Patch sampling and augmentation over keys ``image``, ``regions``, ``instances``.
 
     ``zoom_prob`` is the chance of a random zoom (0.85-1.15) per patch; 0 switches scaling off, for data whose
@@ -257,7 +276,7 @@ def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom
         RandShiftIntensityd("image", offsets=0.15, prob=0.5),
         RandGaussianNoised("image", prob=0.15, std=0.05),
     ]
-    return Compose(spatial + intensity)
+    return PlainCompose(spatial + intensity)
 
 
 def pad_to(array: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
