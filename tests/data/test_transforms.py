@@ -62,6 +62,7 @@ def test_patches_are_plain_tensors_and_metadata_tracking_is_restored():
     regions = torch.zeros((1, 24, 24, 24), dtype=torch.float32)
     regions[0, 6:15, 8:15, 10:15] = 1
     data = {"image": regions + 0.5, "regions": regions, "instances": regions.to(torch.int32), "foreground": regions}
+
     def build():
         return training_transforms((16, 16, 16), 1.0, 0.0, rotation_planes=[(0, 1), (0, 2), (1, 2)])
 

@@ -230,8 +230,9 @@ class PlainCompose(Compose):
     """MONAI's ``Compose``, run with MetaTensor tracking off: plain tensors in, plain tensors out.
 
     The training patches need no metadata (their geometry is the volume's, already resampled), and a MetaTensor
-    costs twice over: the transforms ran 2x slower with it, and a batch stacked from MetaTensors routed the whole
-    forward pass through ``MetaTensor.__torch_function__`` (+35 % per step for ``medmnist-cnn``; docs/benchmarks.md).
+    costs twice over: the transforms ran up to 2x slower with it, and a batch stacked from MetaTensors routed the
+    whole forward pass through ``MetaTensor.__torch_function__`` (a ``medmnist-cnn`` step 1.3-1.4x slower;
+    ``benchmarks/train_step_speed.py``, docs/benchmarks.md).
     Tracking is a MONAI-wide switch, so it is restored after each call.
     """
 
@@ -269,7 +270,8 @@ def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom
         rotation_planes = [(0, 1)] if patch_size[0] == patch_size[1] else []
     for plane in rotation_planes:
         if patch_size[plane[0]] != patch_size[plane[1]]:
-            raise ValueError(f"a 90-degree rotation in plane {tuple(plane)} needs a patch square in it, got {patch_size}")
+            raise ValueError(f"a 90-degree rotation in plane {tuple(plane)} needs a patch square in it, "
+                             f"got {patch_size}")
     spatial[4:4] = [RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=tuple(plane)) for plane in rotation_planes]
     intensity = [
         RandScaleIntensityd("image", factors=0.15, prob=0.5),
