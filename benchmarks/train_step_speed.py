@@ -24,7 +24,7 @@ from medtriad.models.multitask import ModelSpec, build_model
 
 
 def _augmentation_ms(compose, patches: int) -> float:
-    """Mean milliseconds per patch of ``compose`` on a 28^3 binary shape padded to 32^3."""
+    """Mean milliseconds per patch of ``compose`` on a box-shaped binary object in a 32^3 volume."""
     shape = torch.zeros((1, 32, 32, 32))
     shape[0, 8:22, 10:20, 12:18] = 1
     data = {"image": shape, "regions": shape.to(torch.uint8), "instances": shape.to(torch.int32)[0][None],
@@ -60,9 +60,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = Config.load("medmnist-cnn")
-    planes = [(0, 1), (0, 2), (1, 2)]
-    plain = training_transforms(recipe.data.patch_size, recipe.data.foreground_ratio, 0.0, planes)
-    tracked = Compose(training_transforms(recipe.data.patch_size, recipe.data.foreground_ratio, 0.0, planes).transforms)
+    def augmentation():
+        return training_transforms(recipe.data.patch_size, recipe.data.foreground_ratio, recipe.data.zoom_prob,
+                                   rotation_planes=[(0, 1), (0, 2), (1, 2)])
+
+    plain, tracked = augmentation(), Compose(augmentation().transforms)  # separate objects: separate random streams
     print(f"threads {args.threads}")
     print(f"augmentation per patch: MetaTensor {_augmentation_ms(tracked, args.patches):.1f} ms, "
           f"plain {_augmentation_ms(plain, args.patches):.1f} ms")
