@@ -59,6 +59,22 @@ def test_segmentation_custom_channels_and_coarse_finest_level():
         head(features[1:])
 
 
+def test_deep_supervision_outputs_coarser_levels_in_training_only():
+    encoder, x = encoder_and_input("resenc")  # levels at strides 1, 2, 4, 8
+    features = encoder(x)
+    head = SegmentationHead(encoder.feature_info, num_outputs=3, prior=0.01, deep_supervision=2)
+    outputs = head.forward_deep(features)
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(s // f for s in x.shape[2:]) for f in (1, 2, 4)]
+    assert all(o.shape[:2] == (1, 3) for o in outputs)
+    assert torch.equal(outputs[0], head(features))  # the finest is the inference output
+    for out in head.deep_outs:
+        assert torch.allclose(out.conv.conv.bias, torch.logit(torch.tensor(0.01)))
+    for bad in (-1, 3):  # 4 levels: at most 2 coarser decoder levels
+        with pytest.raises(ValueError, match="deep_supervision"):
+            SegmentationHead(encoder.feature_info, num_outputs=3, deep_supervision=bad)
+    assert len(SegmentationHead(encoder.feature_info, num_outputs=3).forward_deep(features)) == 1
+
+
 def test_segmentation_head_overfits_a_blob():
     torch.manual_seed(0)
     grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))

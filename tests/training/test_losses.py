@@ -13,6 +13,7 @@ from medtriad.training.losses import (
     SegmentationLoss,
     UncertaintyWeighting,
     build_balancer,
+    deep_supervision_loss,
 )
 
 # --- task losses --------------------------------------------------------------------------------------------------
@@ -31,6 +32,16 @@ def test_segmentation_loss_is_batch_dice_focal_and_rewards_correct_masks():
     assert confident.item() < 0.05 < loss.item()
     with pytest.raises(ValueError, match="differ"):
         SegmentationLoss()(logits, targets[:, :2])
+
+
+def test_deep_supervision_loss_weighs_downsampled_targets_like_nnunet():
+    torch.manual_seed(0)
+    targets = (torch.rand(2, 3, 8, 8, 8) > 0.7).float()
+    logits = [torch.randn(2, 3, 8, 8, 8), torch.randn(2, 3, 4, 4, 4)]
+    single = SegmentationLoss()(logits[0], targets)
+    assert deep_supervision_loss(1)([logits[0]], targets).item() == pytest.approx(single.item())
+    coarse = SegmentationLoss()(logits[1], targets[:, :, 1::2, 1::2, 1::2])  # nearest-exact: voxel 2i + 1
+    assert deep_supervision_loss(2)(logits, targets).item() == pytest.approx((2 * single + coarse).item() / 3)
 
 
 def test_classification_loss_ignores_unknown_targets():

@@ -134,6 +134,24 @@ def test_single_task_is_the_same_builder(synth_dataset, tmp_path):
     assert math.isfinite(result.best_score)
 
 
+def test_deep_supervision_trains_and_leaves_inference_alone(synth_dataset, tmp_path):
+    config = Config.load("tiny", {**TINY, "training.epochs": 1,
+                                  "model.segmentation": {"decoder_channels": [8, 8, 16, 16], "deep_supervision": 2}})
+    trainer = Trainer(synth_dataset, config, tmp_path / "run", progress=False)
+    result = trainer.fit()
+    assert math.isfinite(result.best_score)
+    model, batch = trainer.model.train(), trainer._batch(0)
+    out = model(batch["image"], det_targets=batch["boxes"])
+    assert [o.shape[2] for o in [out["segmentation"], *out["segmentation_deep"]]] == [32, 16, 8]
+    model.zero_grad()
+    trainer._losses(batch)[0]["segmentation"].backward()  # the loss reads the coarse outputs
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads["segmentation"].deep_outs.parameters())
+    with torch.no_grad():
+        assert "segmentation_deep" not in model.eval()(batch["image"])
+    weights = load_weights(tmp_path / "run" / "checkpoints" / "last")
+    assert sum(k.startswith("heads.segmentation.deep_outs.") for k in weights) == 4  # 2 levels x (weight, bias)
+
+
 def test_stratified_folds_balance_classes(synth_dataset):
     spec, cases = load_dataset(synth_dataset)
     folds = stratified_folds(cases, spec, 4, seed=0)

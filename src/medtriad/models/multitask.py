@@ -37,7 +37,7 @@ class ModelSpec:
         regions: segmentation region -> label values (e.g. WT -> [1, 2, 4]); output channel order.
         labels: label name -> value of the training label maps (to write masks in the training convention).
         tasks: classification task -> {"kind": binary|multiclass|multilabel, "classes": [...]}.
-        segmentation: SegmentationHead keyword arguments (decoder channels).
+        segmentation: SegmentationHead keyword arguments (decoder channels, prior, deep supervision).
         detection: DetectionHead keyword arguments (anchor shapes, strides, thresholds).
         spacing: the grid (mm) the model works on.
         normalization: the intensity normalisation of its inputs (medtriad.data.transforms.normalize).
@@ -82,8 +82,9 @@ class ModelSpec:
 class MultiTaskModel(nn.Module):
     """Shared encoder + ``{task: head}``.
 
-    ``forward(x)`` returns a dict with any of: ``"segmentation"`` region logits (B, R, X, Y, Z);
-    ``"classification"`` {task: logits (B, n)}; ``"detection"`` losses (when ``det_targets`` is given) or boxes.
+    ``forward(x)`` returns a dict with any of: ``"segmentation"`` region logits (B, R, X, Y, Z) (in training with deep
+    supervision also ``"segmentation_deep"``, the coarser levels' logits); ``"classification"`` {task: logits (B, n)};
+    ``"detection"`` losses (when ``det_targets`` is given) or boxes.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -125,7 +126,11 @@ class MultiTaskModel(nn.Module):
                       det_targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if "segmentation" in self.heads:
-            out["segmentation"] = self.heads["segmentation"](features)
+            seg = self.heads["segmentation"]
+            if self.training and seg.deep_supervision:  # coarser levels' logits for the loss, fine to coarse
+                out["segmentation"], *out["segmentation_deep"] = seg.forward_deep(features)
+            else:
+                out["segmentation"] = seg(features)
         if "classification" in self.heads:
             out["classification"] = self.heads["classification"](features)
         if "detection" in self.heads and (det_targets is not None or not self.training):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceFocalLoss
+from monai.losses import DeepSupervisionLoss, DiceFocalLoss
 from torch import Tensor, nn
 
 CLASSIFICATION_KINDS = ("binary", "multiclass", "multilabel")
@@ -35,6 +35,14 @@ class SegmentationLoss(DiceFocalLoss):
         if logits.shape != targets.shape:
             raise ValueError(f"segmentation logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
         return super().forward(logits, targets.to(logits.dtype))
+
+
+def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
+    """:class:`SegmentationLoss` over a list of logits, finest first, each coarser one scored against targets
+    downsampled to its size (MONAI's ``DeepSupervisionLoss``, nearest-exact). Weights halve per level and are
+    normalised to sum to 1, as nnU-Net's (Isensee et al. 2021); with ``levels=1`` it is the plain loss."""
+    weights = [0.5**level for level in range(levels)]
+    return DeepSupervisionLoss(SegmentationLoss(), weights=[w / sum(weights) for w in weights])
 
 
 class ClassificationLoss(nn.Module):

@@ -55,7 +55,7 @@ from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
 from medtriad.models.encoders.slice2d import save_hf_vit
 from medtriad.models.multitask import ModelSpec, build_model, load_model_weights, model_weights
-from medtriad.training.losses import ClassificationLoss, SegmentationLoss, build_balancer
+from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
 
@@ -167,7 +167,7 @@ class Trainer:
             raise DatasetInvalidError(f"segmentation training needs a label file for every case; missing: {missing}")
         self.transforms = training_transforms(cfg.data.patch_size, cfg.data.foreground_ratio, cfg.data.zoom_prob,
                                               cfg.data.rotation_planes)
-        self.seg_loss = SegmentationLoss()
+        self.seg_loss = deep_supervision_loss(1 + self.model_spec.segmentation.get("deep_supervision", 0))
         self.cls_loss = ClassificationLoss({t: (v["kind"], ModelSpec.task_outputs(v))
                                             for t, v in self.model_spec.tasks.items()})
         tasks = self._loss_names()
@@ -336,7 +336,8 @@ class Trainer:
             out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}))
         losses: dict[str, torch.Tensor] = {}
         if "segmentation" in out:
-            losses["segmentation"] = self.seg_loss(out["segmentation"].float(), batch["regions"])
+            seg_logits = [out["segmentation"], *out.get("segmentation_deep", [])]  # finest first
+            losses["segmentation"] = self.seg_loss([v.float() for v in seg_logits], batch["regions"])
         if "detection" in out:
             losses["detection"] = sum(v.float() for v in out["detection"].values())
         for task, logits in out.get("aux", {}).items():  # slice2d plugins' auxiliary pixel supervision

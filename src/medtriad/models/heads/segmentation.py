@@ -4,7 +4,8 @@ The decoder walks from the coarsest level back to the finest, each step one MONA
 the next finer level, concatenation with that level's features, two conv-norm-act layers) as in DynUNet / nnU-Net
 (Isensee et al., Nature Methods 2021). With the swin encoder and default channels this is SwinUNETR's decoder with
 plain instead of residual conv blocks. The output is one logit map per region (sigmoid, not softmax: BraTS regions
-WT/TC/ET nest inside each other).
+WT/TC/ET nest inside each other). Optional deep supervision (nnU-Net's): during training, coarser decoder levels emit
+their own logits too (``forward_deep``), scored against downsampled targets; inference reads the finest only.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class SegmentationHead(nn.Module):
             (near-zero) bias left the background at p ~ 0.46 after 150 steps (soft Dice loss on WT 0.93); with
             ``logit(0.01)`` that loss was 0.56 (docs/benchmarks.md, issue 3). ``None`` keeps PyTorch's default
             initialisation (a small random bias).
+        deep_supervision: how many decoder levels coarser than the finest also get an output layer (a 1x1x1 conv,
+            same prior), read by ``forward_deep`` for the training loss (nnU-Net, Isensee et al. 2021); at most the
+            number of levels minus 2. 0 = none. Inference never uses them.
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_outputs: int,
-                 decoder_channels: Sequence[int] | None = None, prior: float | None = 0.01):
+                 decoder_channels: Sequence[int] | None = None, prior: float | None = 0.01, deep_supervision: int = 0):
         super().__init__()
         info = list(feature_info)
         if len(info) < 2:
@@ -70,16 +74,35 @@ class SegmentationHead(nn.Module):
                          get_conv_layer(3, previous, previous, kernel_size=finest, stride=finest, conv_only=True,
                                         is_transposed=True))
         self.out = UnetOutBlock(3, previous, num_outputs)
+        if not 0 <= deep_supervision <= len(info) - 2:
+            raise ValueError(f"deep_supervision must be in [0, {len(info) - 2}] for {len(info)} feature levels, "
+                             f"got {deep_supervision}")
+        self.deep_supervision = deep_supervision
+        # deep_outs[i] reads the decoder's output on level i + 1 (fine to coarse)
+        self.deep_outs = nn.ModuleList(UnetOutBlock(3, decoder_channels[level], num_outputs)
+                                       for level in range(1, deep_supervision + 1))
         if prior is not None:
             if not 0.0 < prior < 1.0:
                 raise ValueError(f"prior must be a probability in (0, 1) or None, got {prior}")
-            nn.init.constant_(self.out.conv.conv.bias, math.log(prior / (1.0 - prior)))
+            for out in [self.out, *self.deep_outs]:
+                nn.init.constant_(out.conv.conv.bias, math.log(prior / (1.0 - prior)))
+
+    def _decode(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """The up blocks' outputs, one per level but the coarsest, fine to coarse."""
+        if len(features) != self.num_levels:
+            raise ValueError(f"SegmentationHead expects {self.num_levels} feature maps, got {len(features)}")
+        x, levels = features[-1], []
+        for skip, up, feature in zip(self.skips, self.ups, reversed(features[:-1])):
+            x = up(x, skip(feature))
+            levels.insert(0, x)
+        return levels
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """features: one map per encoder level, fine to coarse -> logits (B, num_outputs, X, Y, Z)."""
-        if len(features) != self.num_levels:
-            raise ValueError(f"SegmentationHead expects {self.num_levels} feature maps, got {len(features)}")
-        x = features[-1]
-        for skip, up, feature in zip(self.skips, self.ups, reversed(features[:-1])):
-            x = up(x, skip(feature))
-        return self.out(self.final_up(x))
+        return self.out(self.final_up(self._decode(features)[0]))
+
+    def forward_deep(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Training with deep supervision: ``[forward(features)]`` followed by the logits of the next
+        ``deep_supervision`` coarser decoder levels (each at its level's resolution), fine to coarse."""
+        levels = self._decode(features)
+        return [self.out(self.final_up(levels[0]))] + [out(x) for out, x in zip(self.deep_outs, levels[1:])]
