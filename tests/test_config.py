@@ -20,6 +20,12 @@ def test_overrides_and_types():
     assert config.training.epochs == 3
     assert config.data.patch_size == (32, 32, 32)
     assert Config.load().model.heads == ("segmentation", "detection", "classification")
+    # one entry of a mapping field; the recipe's other entries stay
+    nested = Config.load("brats-cpu", {"model.segmentation.deep_supervision": 2})
+    assert nested.model.segmentation == {"decoder_channels": [8, 16, 32, 64], "prior": None, "deep_supervision": 2}
+    for bad in ("training.epochs.x", "epochs", "model..prior"):
+        with pytest.raises(ValueError, match="override"):
+            Config.load("brats-cpu", {bad: 1})
 
 
 def test_unknown_keys_and_files_are_named(tmp_path):

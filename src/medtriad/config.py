@@ -217,13 +217,25 @@ class Config:
 
     @classmethod
     def load(cls, name_or_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":
-        """Load a YAML file or a packaged recipe by name; ``None`` gives the defaults."""
+        """Load a YAML file or a packaged recipe by name; ``None`` gives the defaults.
+
+        ``overrides``: dotted key -> value, ``section.field`` (``training.epochs``) or, for a field that is a mapping,
+        one entry of it (``model.segmentation.deep_supervision``: the recipe's other entries stay)."""
         raw: dict[str, Any] = {}
         if name_or_path is not None:
             raw = yaml.safe_load(_resolve(name_or_path).read_text()) or {}
         for key, value in (overrides or {}).items():
-            section, _, name = key.partition(".")
-            raw.setdefault(section, {})[name] = value
+            *path, name = key.split(".")
+            if not path or not all(path) or not name:
+                raise ValueError(f"override {key!r}: expected section.key (e.g. training.epochs)")
+            node = raw
+            for depth, part in enumerate(path):
+                if node.get(part) is None:
+                    node[part] = {}
+                if not isinstance(node[part], dict):
+                    raise ValueError(f"override {key!r}: {'.'.join(path[:depth + 1])} is {node[part]!r}, not a mapping")
+                node = node[part]
+            node[name] = value
         return cls.from_dict(raw)
 
 
