@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from medtriad.io import atomic_write_text
+from medtriad.training.precision import PRECISIONS
 
 
 @dataclass
@@ -113,6 +114,9 @@ class TrainingConfig:
         ema_decay: 0 = off; otherwise an exponential moving average of the weights with this decay per step (timm's
             model EMA, built on PyTorch's ``AveragedModel``; batch-norm statistics averaged too) is what validation
             scores and what the checkpoints hold as the model; the raw training weights ride along for ``--resume``.
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``bf16`` (bfloat16 autocast on CUDA
+            and on CPUs with native bfloat16 instructions, float32 on other CPUs) or ``fp32``; see
+            :mod:`medtriad.training.precision`.
     """
 
     epochs: int = 50
@@ -131,10 +135,13 @@ class TrainingConfig:
     num_threads: int = 0
     validate_every: int = 1
     ema_decay: float = 0.0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"training.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass

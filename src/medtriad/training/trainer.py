@@ -58,6 +58,7 @@ from medtriad.models.multitask import ModelSpec, build_model, load_model_weights
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
+from medtriad.training.precision import autocast_dtype
 
 
 class DatasetInvalidError(ValueError):
@@ -199,8 +200,8 @@ class Trainer:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.autocast = autocast_dtype(cfg.training.precision, self.device)  # None: float32 throughout
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is not None and self.device.type == "cuda")
 
     def _loss_names(self) -> list[str]:
         names = []
@@ -332,7 +333,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         heads = self.model_spec.heads
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}))
         losses: dict[str, torch.Tensor] = {}
         if "segmentation" in out:

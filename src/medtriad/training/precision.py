@@ -1,0 +1,45 @@
+"""Mixed precision for training: which dtype, if any, ``torch.autocast`` runs the forward pass in.
+
+``training.precision``:
+
+* ``auto`` (default): bfloat16 autocast on CUDA, float32 on the CPU.
+* ``bf16``: bfloat16 autocast on CUDA and on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4,
+  Intel Cooper Lake / Sapphire Rapids and later), where oneDNN's bfloat16 3D convolutions take about half the time
+  of float32 ones (docs/benchmarks.md). A CPU without them would emulate bfloat16, slower than float32, which under a
+  time budget means fewer steps: there it stays in float32 and says so once.
+* ``fp32``: no autocast anywhere.
+
+Weights, optimiser state and losses stay float32 in every case (autocast's mixed precision); outputs are cast back to
+float32 before the losses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU executes bfloat16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the forward pass autocasts to on ``device`` under ``precision``; ``None`` = float32 throughout."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"training.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if precision == "auto":
+        return None
+    if not cpu_has_native_bf16():
+        warnings.warn("training.precision bf16: this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX), "
+                      "where bfloat16 would be slower than float32; training in float32", stacklevel=2)
+        return None
+    return torch.bfloat16
