@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from medtriad.io import atomic_write_text
-from medtriad.training.precision import PRECISIONS
+from medtriad.precision import PRECISIONS
 
 
 @dataclass
@@ -116,7 +116,7 @@ class TrainingConfig:
             scores and what the checkpoints hold as the model; the raw training weights ride along for ``--resume``.
         precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``bf16`` (bfloat16 autocast on CUDA
             and on CPUs with native bfloat16 instructions, float32 on other CPUs) or ``fp32``; see
-            :mod:`medtriad.training.precision`.
+            :mod:`medtriad.precision`.
     """
 
     epochs: int = 50
@@ -171,6 +171,9 @@ class InferenceConfig:
             components are kept and the rest set to background (what MONAI's ``KeepLargestConnectedComponent`` does).
             ``None``: off. Removes stray false positives far from the lesion; a second, smaller true lesion goes
             with them unless N allows for it.
+        precision: ``fp32`` (default), or ``bf16``: the encoder and heads run under bfloat16 autocast on CUDA and on
+            CPUs with native bfloat16 instructions (float32 with a warning on other CPUs), probabilities and boxes
+            cast back to float32; ``auto``: bfloat16 on CUDA only. See :mod:`medtriad.precision`.
     """
 
     roi_size: tuple[int, int, int] | None = None
@@ -182,9 +185,12 @@ class InferenceConfig:
     permute_axes: tuple[int, ...] = ()
     segmentation_threshold: float = 0.5
     largest_components: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # checked when the config is read, not when a trained run is first evaluated
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"inference.precision must be one of {PRECISIONS}, got {self.precision!r}")
         n = self.largest_components
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"inference.largest_components must be a whole number >= 1 or null (off); got {n!r}")

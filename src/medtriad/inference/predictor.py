@@ -33,6 +33,7 @@ from medtriad.data.boxes import instances_from_mask, voxel_box_to_world, world_b
 from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
+from medtriad.precision import autocast_dtype
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -90,6 +91,12 @@ class Predictor:
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
+        self._autocast_dtype = autocast_dtype(self.inference.precision, self.device, "inference.precision")
+
+    def _autocast(self) -> torch.autocast:
+        """The encoder and heads' forward passes under ``inference.precision`` (a no-op for fp32)."""
+        dtype = self._autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best",
@@ -183,20 +190,26 @@ class Predictor:
                 dims = [a + 2 for a in flipped]  # grid axes -> batch tensor dims
                 view = torch.flip(x[region], dims) if dims else x[region]
                 inverse = [perm.index(a) for a in range(3)]
-                features = self.model.encoder(view.permute(0, 1, *(a + 2 for a in perm)))
+                with self._autocast():
+                    features = self.model.encoder(view.permute(0, 1, *(a + 2 for a in perm)))
                 if seg is not None:
-                    window_probs = torch.sigmoid(seg(features)).permute(0, 1, *(a + 2 for a in inverse))
+                    with self._autocast():
+                        logits = seg(features)
+                    window_probs = torch.sigmoid(logits.float()).permute(0, 1, *(a + 2 for a in inverse))
                     window_probs = torch.flip(window_probs, dims) if dims else window_probs
                     probs[(slice(None), *window)] += window_probs[0] * weight_map
                     weights[window] += weight_map
                 if "detection" in heads:
-                    det = heads["detection"](features, roi)[0]  # roi: the same along permuted axes
+                    with self._autocast():
+                        det = heads["detection"](features, roi)[0]  # roi: the same along permuted axes
                     found = det["boxes"].float()[:, inverse + [a + 3 for a in inverse]]
                     boxes.append(unflip_boxes(found, flipped, roi) + offset)
                     scores.append(det["labels_scores"].float())
                 if "classification" in heads:
-                    for task, (s, v) in heads["classification"].encode(features).items():
-                        tokens.setdefault(task, []).append((s, v))
+                    with self._autocast():
+                        encoded = heads["classification"].encode(features)
+                    for task, (s, v) in encoded.items():  # pooled over all windows below, in float32
+                        tokens.setdefault(task, []).append((s.float(), v.float()))
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
         if seg is not None:
             out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *inside)].cpu()
@@ -236,11 +249,12 @@ class Predictor:
         shape = tuple(image.shape[1:])
         padded = round_up(shape, self.model.size_divisible)
         x, inside = self._padded_batch(image, padded)
-        result = self.model(x, aux=False, need_weights=self.heatmaps)  # one pass gives logits and attention
+        with self._autocast():
+            result = self.model(x, aux=False, need_weights=self.heatmaps)  # one pass gives logits and attention
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
-        out.class_probs = {task: self._class_probs(task, v[0]) for task, v in result["logits"].items()}
+        out.class_probs = {task: self._class_probs(task, v[0].float()) for task, v in result["logits"].items()}
         if self.heatmaps:
-            out.heatmaps = {task: self.model.heatmap_from(result, task, padded)[(0, *inside)].cpu()
+            out.heatmaps = {task: self.model.heatmap_from(result, task, padded)[(0, *inside)].float().cpu()
                             for task in result["logits"]}
         return out
 

@@ -58,7 +58,7 @@ from medtriad.models.multitask import ModelSpec, build_model, load_model_weights
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
-from medtriad.training.precision import autocast_dtype
+from medtriad.precision import autocast_dtype
 
 
 class DatasetInvalidError(ValueError):

@@ -151,16 +151,20 @@ class DetectionHead(nn.Module):
             ``{"boxes": (N, 6), "labels": (N,), "labels_scores": (N,)}``.
         """
         det = self.detector
-        outputs = self._head_outputs(features)
-        batch = features[0].shape[0]
-        # anchors depend only on the input's shape, device and dtype: an uninitialised stand-in is enough
-        det.generate_anchors(features[0].new_empty((batch, 1, *image_size)), outputs)
-        num_locs = [x.shape[2:].numel() for x in outputs["classification"]]
-        flat = {key: det._reshape_maps(value) for key, value in outputs.items()}
-        if targets is not None:
-            losses = det.compute_loss(flat, targets, det.anchors, num_locs)
-            # With no box in the batch MONAI returns a constant box loss; keep the regression head in the graph
-            # (zero gradient) so that DDP still finds a gradient for every parameter.
-            losses["box_regression"] = losses["box_regression"] + 0.0 * flat["box_regression"].sum()
-            return losses
-        return det.postprocess_detections(flat, det.anchors, [list(image_size)] * batch, num_locs)
+        # The detection head runs in float32 even under bfloat16 autocast (a small share of a step): in bfloat16 its
+        # FPN / RetinaNet convolutions on 2^3-voxel maps gave non-finite weight gradients on the CPU now and then
+        # (tests/test_precision.py), and anchors, box deltas and coordinates need more than 8 bits of mantissa.
+        with torch.autocast(features[0].device.type, enabled=False):
+            outputs = self._head_outputs([f.float() for f in features])
+            batch = features[0].shape[0]
+            # anchors depend only on the input's shape, device and dtype (the outputs'): a stand-in is enough
+            det.generate_anchors(features[0].new_empty((batch, 1, *image_size), dtype=torch.float32), outputs)
+            num_locs = [x.shape[2:].numel() for x in outputs["classification"]]
+            flat = {key: det._reshape_maps(value) for key, value in outputs.items()}
+            if targets is not None:
+                losses = det.compute_loss(flat, targets, det.anchors, num_locs)
+                # With no box in the batch MONAI returns a constant box loss; keep the regression head in the graph
+                # (zero gradient) so that DDP still finds a gradient for every parameter.
+                losses["box_regression"] = losses["box_regression"] + 0.0 * flat["box_regression"].sum()
+                return losses
+            return det.postprocess_detections(flat, det.anchors, [list(image_size)] * batch, num_locs)

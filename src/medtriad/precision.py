@@ -1,16 +1,15 @@
-"""Mixed precision for training: which dtype, if any, ``torch.autocast`` runs the forward pass in.
+"""Mixed precision: which dtype, if any, ``torch.autocast`` runs the forward pass in, for training
+(``training.precision``) and for inference (``inference.precision``).
 
-``training.precision``:
-
-* ``auto`` (default): bfloat16 autocast on CUDA, float32 on the CPU.
+* ``auto`` (training's default): bfloat16 autocast on CUDA, float32 on the CPU.
 * ``bf16``: bfloat16 autocast on CUDA and on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4,
   Intel Cooper Lake / Sapphire Rapids and later), where oneDNN's bfloat16 3D convolutions take about half the time
   of float32 ones (docs/benchmarks.md). A CPU without them would emulate bfloat16, slower than float32, which under a
   time budget means fewer steps: there it stays in float32 and says so once.
-* ``fp32``: no autocast anywhere.
+* ``fp32`` (inference's default: predictions as exact as the weights allow): no autocast anywhere.
 
 Weights, optimiser state and losses stay float32 in every case (autocast's mixed precision); outputs are cast back to
-float32 before the losses.
+float32 before losses, probabilities and boxes.
 """
 
 from __future__ import annotations
@@ -28,10 +27,11 @@ def cpu_has_native_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype the forward pass autocasts to on ``device`` under ``precision``; ``None`` = float32 throughout."""
+def autocast_dtype(precision: str, device: torch.device, setting: str = "training.precision") -> torch.dtype | None:
+    """The dtype the forward pass autocasts to on ``device`` under ``precision``; ``None`` = float32 throughout.
+    ``setting`` names the config key in messages."""
     if precision not in PRECISIONS:
-        raise ValueError(f"training.precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"{setting} must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cuda":
@@ -39,7 +39,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return None
     if not cpu_has_native_bf16():
-        warnings.warn("training.precision bf16: this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX), "
-                      "where bfloat16 would be slower than float32; training in float32", stacklevel=2)
+        warnings.warn(f"{setting} bf16: this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX), "
+                      "where bfloat16 would be slower than float32; running in float32", stacklevel=2)
         return None
     return torch.bfloat16

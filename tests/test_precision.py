@@ -1,4 +1,5 @@
-"""training.precision: which dtype the forward pass autocasts to, and a bf16 training run on the CPU."""
+"""training.precision / inference.precision: which dtype the forward pass autocasts to; a bf16 training run on the
+CPU and bf16 predictions from it."""
 
 import math
 
@@ -6,8 +7,11 @@ import pytest
 import torch
 
 from medtriad.config import Config
-from medtriad.training import precision
-from medtriad.training.precision import autocast_dtype
+from medtriad.data.layout import load_dataset
+from medtriad.data.transforms import load_sample
+from medtriad.inference.predictor import Predictor
+from medtriad import precision
+from medtriad.precision import autocast_dtype
 from medtriad.training.trainer import Trainer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -38,6 +42,8 @@ def test_cpu_probe_answers_a_bool():
 def test_config_rejects_unknown_precision():
     with pytest.raises(ValueError, match="training.precision"):
         Config.load("tiny", {"training.precision": "half"})
+    with pytest.raises(ValueError, match="inference.precision"):
+        Config.load("tiny", {"inference.precision": "fp16"})
 
 
 def test_bf16_training_on_cpu_runs_in_bfloat16_and_keeps_float32_weights(synth_dataset, tmp_path, monkeypatch):
@@ -54,3 +60,21 @@ def test_bf16_training_on_cpu_runs_in_bfloat16_and_keeps_float32_weights(synth_d
     hook.remove()
     assert seen == [torch.bfloat16]  # the convolutions ran in bfloat16 ...
     assert losses and all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())  # losses float32
+
+    # the run predicted in bf16 agrees with float32 predictions, and every output comes back as float32
+    spec, cases = load_dataset(synth_dataset)
+    sample = load_sample(cases[0], spec, config.data.spacing)
+    exact = Predictor.from_pretrained(tmp_path / "run", device="cpu").predict_grid(sample.image)
+    fast = Predictor.from_pretrained(tmp_path / "run", device="cpu", inference={"precision": "bf16"})
+    seen = []
+    hook = fast.model.encoder.last_shared_layer().register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    approx = fast.predict_grid(sample.image)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert approx.region_probs.dtype == torch.float32 and approx.region_probs.shape == exact.region_probs.shape
+    assert (approx.region_probs - exact.region_probs).abs().max() < 0.05
+    assert approx.scores.dtype == torch.float32 and approx.boxes.dtype == torch.float32
+    for task, p in exact.class_probs.items():
+        assert approx.class_probs[task].dtype == torch.float32
+        torch.testing.assert_close(approx.class_probs[task], p, atol=0.03, rtol=0)
+    assert fast.predict_sample(sample).mask.shape == sample.geometry.shape  # the input grid path takes bf16 output
