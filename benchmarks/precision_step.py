@@ -20,7 +20,7 @@ import torch
 from medtriad.benchmark import brats_model_spec
 from medtriad.config import Config
 from medtriad.models.multitask import ModelSpec, build_model
-from medtriad.training.precision import cpu_has_native_bf16
+from medtriad.precision import cpu_has_native_bf16
 
 
 def _step_s(model: torch.nn.Module, batch: torch.Tensor, kwargs: dict, dtype: torch.dtype | None,

@@ -55,10 +55,10 @@ from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
 from medtriad.models.encoders.slice2d import save_hf_vit
 from medtriad.models.multitask import ModelSpec, build_model, load_model_weights, model_weights
+from medtriad.precision import autocast_dtype
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
-from medtriad.precision import autocast_dtype
 
 
 class DatasetInvalidError(ValueError):
