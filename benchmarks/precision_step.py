@@ -20,7 +20,7 @@ import torch
 from medtriad.benchmark import brats_model_spec
 from medtriad.config import Config
 from medtriad.models.multitask import ModelSpec, build_model
-from medtriad.precision import cpu_has_native_bf16
+from medtriad.precision import autocast, cpu_has_native_bf16
 
 
 def _step_s(model: torch.nn.Module, batch: torch.Tensor, kwargs: dict, dtype: torch.dtype | None,
@@ -30,7 +30,7 @@ def _step_s(model: torch.nn.Module, batch: torch.Tensor, kwargs: dict, dtype: to
     times = []
     for i in range(repeats + 2):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(torch.device("cpu"), dtype):
             out = model(batch, **kwargs)
         loss = sum(v.float().mean() for v in out.get("classification", {}).values())
         if "segmentation" in out:

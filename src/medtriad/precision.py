@@ -43,3 +43,8 @@ def autocast_dtype(precision: str, device: torch.device, setting: str = "trainin
                       "where bfloat16 would be slower than float32; running in float32", stacklevel=2)
         return None
     return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` to ``dtype`` on ``device`` (an :func:`autocast_dtype` answer); ``None``: a no-op context."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

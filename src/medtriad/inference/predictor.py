@@ -33,7 +33,7 @@ from medtriad.data.boxes import instances_from_mask, voxel_box_to_world, world_b
 from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
-from medtriad.precision import autocast_dtype
+from medtriad.precision import autocast, autocast_dtype
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -91,12 +91,11 @@ class Predictor:
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
+        # the encoder and heads' forward passes run under this (None for fp32: float32 throughout)
         self._autocast_dtype = autocast_dtype(self.inference.precision, self.device, "inference.precision")
 
     def _autocast(self) -> torch.autocast:
-        """The encoder and heads' forward passes under ``inference.precision`` (a no-op for fp32)."""
-        dtype = self._autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        return autocast(self.device, self._autocast_dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, checkpoint: str = "best",
@@ -190,26 +189,21 @@ class Predictor:
                 dims = [a + 2 for a in flipped]  # grid axes -> batch tensor dims
                 view = torch.flip(x[region], dims) if dims else x[region]
                 inverse = [perm.index(a) for a in range(3)]
-                with self._autocast():
+                with self._autocast():  # outputs back in float32 before they are combined
                     features = self.model.encoder(view.permute(0, 1, *(a + 2 for a in perm)))
-                if seg is not None:
-                    with self._autocast():
-                        logits = seg(features)
-                    window_probs = torch.sigmoid(logits.float()).permute(0, 1, *(a + 2 for a in inverse))
-                    window_probs = torch.flip(window_probs, dims) if dims else window_probs
-                    probs[(slice(None), *window)] += window_probs[0] * weight_map
-                    weights[window] += weight_map
-                if "detection" in heads:
-                    with self._autocast():
+                    if seg is not None:
+                        window_probs = torch.sigmoid(seg(features).float()).permute(0, 1, *(a + 2 for a in inverse))
+                        window_probs = torch.flip(window_probs, dims) if dims else window_probs
+                        probs[(slice(None), *window)] += window_probs[0] * weight_map
+                        weights[window] += weight_map
+                    if "detection" in heads:
                         det = heads["detection"](features, roi)[0]  # roi: the same along permuted axes
-                    found = det["boxes"].float()[:, inverse + [a + 3 for a in inverse]]
-                    boxes.append(unflip_boxes(found, flipped, roi) + offset)
-                    scores.append(det["labels_scores"].float())
-                if "classification" in heads:
-                    with self._autocast():
-                        encoded = heads["classification"].encode(features)
-                    for task, (s, v) in encoded.items():  # pooled over all windows below, in float32
-                        tokens.setdefault(task, []).append((s.float(), v.float()))
+                        found = det["boxes"].float()[:, inverse + [a + 3 for a in inverse]]
+                        boxes.append(unflip_boxes(found, flipped, roi) + offset)
+                        scores.append(det["labels_scores"].float())
+                    if "classification" in heads:  # tokens pooled over all windows below, in float32
+                        for task, (s, v) in heads["classification"].encode(features).items():
+                            tokens.setdefault(task, []).append((s.float(), v.float()))
         out = GridOutput(None, torch.zeros((0, 6)), torch.zeros((0,)), {})
         if seg is not None:
             out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *inside)].cpu()

@@ -55,7 +55,7 @@ from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
 from medtriad.models.encoders.slice2d import save_hf_vit
 from medtriad.models.multitask import ModelSpec, build_model, load_model_weights, model_weights
-from medtriad.precision import autocast_dtype
+from medtriad.precision import autocast, autocast_dtype
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
@@ -333,7 +333,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         heads = self.model_spec.heads
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with autocast(self.device, self.autocast):
             out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}))
         losses: dict[str, torch.Tensor] = {}
         if "segmentation" in out:
