@@ -86,7 +86,7 @@ def _inference_overrides(pairs: list[str]) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from medtriad.config import Config
-    from medtriad.training.trainer import train
+    from medtriad.training.trainer import TrainingDivergedError, train
 
     run = Path(args.output)
     if args.resume:
@@ -95,8 +95,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = Config.load(run / "config.yaml")
     else:
         config = Config.load(args.config, _overrides(args.set))
-    result = train(args.dataset, config, run, fold=args.fold, resume=args.resume, device=args.device,
-                   progress=not args.quiet)
+    try:
+        result = train(args.dataset, config, run, fold=args.fold, resume=args.resume, device=args.device,
+                       progress=not args.quiet)
+    except TrainingDivergedError as error:
+        print(f"medtriad train: error: {error}", file=sys.stderr)
+        return 3
     print(f"run folder: {result.run_dir} (epochs {result.epochs_done}, best validation score {result.best_score:.4f})")
     return 0
 

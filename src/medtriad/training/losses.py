@@ -203,6 +203,8 @@ class GradNorm(LossBalancer):
 
     def _update_weights(self, present: list[str], index: Tensor, losses: Mapping[str, Tensor]) -> None:
         values = torch.stack([losses[t].detach().float() for t in present]).to(self.initial_losses.device)
+        if not torch.isfinite(values).all():
+            return  # a non-finite loss (the trainer skips such a step) would make the weights NaN for good
         first_seen = torch.isnan(self.initial_losses[index])
         self.initial_losses[index[first_seen]] = values[first_seen]
         grad_norms = []
@@ -212,6 +214,8 @@ class GradNorm(LossBalancer):
             grad_norms.append(torch.sqrt(sum(squares, self.task_weights.new_zeros(()))))
         # G_i = w_i * ||dL_i/dW||: w_i factors out, so no second-order graph is needed.
         norms = self.task_weights[index] * torch.stack(grad_norms).to(self.task_weights.device)
+        if not torch.isfinite(norms).all():
+            return
         ratios = values / self.initial_losses[index].clamp_min(1e-12)
         target = norms.mean().detach() * (ratios / ratios.mean()) ** self.alpha
         before = self.task_weights.detach().clone()

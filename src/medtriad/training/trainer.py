@@ -14,6 +14,11 @@ Run folder::
     backbone/            encoder slice2d with a randomly initialised ViT: the frozen backbone (HF format), once
     plugins/<task>.safetensors   encoder slice2d: each task's plugin alone, from the best checkpoint
 
+Non-finite gradients: a step whose gradient norm is not finite (a bfloat16 convolution's weight gradient on a 2^3-voxel
+map on the CPU now and then, see medtriad.precision; or real divergence) is skipped instead of turning every weight
+into NaN, as CUDA's GradScaler does for float16; each epoch's record counts them (``skipped_steps``), and
+``MAX_SKIPPED_IN_A_ROW`` consecutive ones stop training with :class:`TrainingDivergedError`, the last checkpoint kept.
+
 Data split: a dataset with official splits (``splits.json``, e.g. MedMNIST) trains on "train" and selects on "val";
 otherwise a stratified k-fold split and ``--fold K``.
 
@@ -63,6 +68,13 @@ from medtriad.training.plots import plot_progress
 
 class DatasetInvalidError(ValueError):
     """The dataset failed ``medtriad check``; the message lists every problem."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """``MAX_SKIPPED_IN_A_ROW`` optimiser steps in a row had non-finite gradients: the run has diverged."""
+
+
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 def stratified_folds(cases: list[Case], spec: DatasetSpec, num_folds: int, seed: int) -> list[list[str]]:
@@ -442,13 +454,14 @@ class Trainer:
             budget = cfg.training.max_minutes * 60
             return bool(budget) and self._clock >= budget
 
-        epoch = start_epoch - 1
+        epoch, in_a_row = start_epoch - 1, 0
         for epoch in range(start_epoch, cfg.training.epochs):
             if out_of_time():
                 epoch -= 1
                 break
             self.model.train()
             sums: dict[str, list[float]] = {}
+            skipped = 0  # steps of this epoch with non-finite gradients, not applied
             bar = tqdm(range(cfg.training.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.training.epochs}",
                        disable=not self.progress, leave=False)
             for _ in bar:
@@ -463,20 +476,32 @@ class Trainer:
                     for k, v in losses.items():
                         sums.setdefault(k, []).append(float(v.detach()))
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
-                self.scaler.step(self.optimizer)
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)))
+                if finite or self.scaler.is_enabled():  # an enabled (CUDA) scaler skips a non-finite step itself
+                    self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
                 self.balancer.after_step()
-                if self.ema is not None:
+                if self.ema is not None and finite:
                     self.ema.update_parameters(self.model)
                 step += 1
+                skipped += not finite
+                in_a_row = 0 if finite else in_a_row + 1
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise TrainingDivergedError(
+                        f"training diverged: {in_a_row} steps in a row (up to step {step}, epoch {epoch + 1}) had "
+                        f"non-finite gradients (losses: {', '.join(f'{k}={v[-1]:.4g}' for k, v in sums.items())}); "
+                        f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last'}. Try a lower "
+                        f"training.learning_rate or training.precision=fp32")
                 bar.set_postfix({k.split(":")[-1][:6]: f"{np.mean(v[-10:]):.3f}" for k, v in sums.items()})
                 if out_of_time():
                     break
             record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": self.scheduler.get_last_lr()[0],
-                                      "losses": {k: float(np.mean(v)) for k, v in sums.items()},
-                                      "loss_weights": self.balancer.weights()}
+                                      "losses": {k: _finite_mean(v) for k, v in sums.items()},
+                                      "loss_weights": self.balancer.weights(), "skipped_steps": skipped}
+            if skipped and self.main:
+                warnings.warn(f"epoch {epoch + 1}: {skipped} of {cfg.training.iterations_per_epoch} steps had "
+                              "non-finite gradients and were skipped", stacklevel=2)
             last_epoch = epoch + 1 == cfg.training.epochs or out_of_time()
             if (epoch + 1) % cfg.training.validate_every == 0 or last_epoch:
                 plain = dataclasses.replace(cfg.inference, mirror_axes=(), permute_axes=())  # no test-time copies:
@@ -518,9 +543,17 @@ def _owned_by(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
+def _finite_mean(values: list[float]) -> float:
+    """The epoch's mean loss over its finite values (NaN when none was): a skipped step does not hide the rest."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch'] + 1}", f"{record['elapsed_s'] / 60:.1f} min"]
     parts += [f"{k}={v:.3f}" for k, v in record["losses"].items()]
+    if record.get("skipped_steps"):
+        parts.append(f"skipped={record['skipped_steps']}")
     parts += [f"{k}={v:.3f}" for k, v in headline_metrics(record["validation"]).items()]
     if "score" in record["validation"]:
         parts.append(f"score={record['validation']['score']:.3f}")
