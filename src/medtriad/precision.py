@@ -9,7 +9,10 @@
 * ``fp32`` (inference's default: predictions as exact as the weights allow): no autocast anywhere.
 
 Weights, optimiser state and losses stay float32 in every case (autocast's mixed precision); outputs are cast back to
-float32 before losses, probabilities and boxes.
+float32 before losses, probabilities and boxes. Two parts run in float32 under autocast, because bfloat16 weight
+gradients of 3D convolutions on maps of a few voxels came out NaN or as 1e30 garbage on the CPU: the detection head
+(medtriad.models.heads.detection) and resenc stages on maps of at most 27 voxels (medtriad.models.encoders.resenc);
+the trainer skips any step whose gradient norm is still not finite (medtriad.training.trainer).
 """
 
 from __future__ import annotations

@@ -111,3 +111,20 @@ def test_resenc_defaults_and_configuration():
     assert small.size_divisible == 4
     with pytest.raises(ValueError, match="blocks"):
         create_encoder("resenc", 1, channels=(4, 8), blocks=(1,))
+
+
+def test_resenc_runs_stages_with_tiny_maps_in_float32_under_bf16_autocast():
+    # bfloat16 weight gradients of 3x3x3 convolutions on 2^3 maps went wrong on the CPU (NaN / 1e30 now and then):
+    # under autocast, a stage whose output holds <= 27 voxels runs in float32, the others in bfloat16
+    encoder = create_encoder("resenc", 1, channels=(4, 8, 16, 32, 64), blocks=(1, 1, 1, 1, 1), norm="batch").train()
+    with torch.autocast("cpu", torch.bfloat16):
+        small = encoder.forward_features(torch.randn(2, 1, 32, 32, 32))  # deepest 2^3
+        large = encoder.forward_features(torch.randn(2, 1, 64, 64, 64))  # deepest 4^3
+        odd = encoder.forward_features(torch.randn(2, 1, 48, 48, 32))  # deepest 3 x 3 x 2
+    assert [f.shape[2:] for f in small][-1] == (2, 2, 2)
+    assert [f.dtype for f in small] == [torch.bfloat16] * 4 + [torch.float32]
+    assert [f.dtype for f in large] == [torch.bfloat16] * 5
+    assert [f.dtype for f in odd] == [torch.bfloat16] * 4 + [torch.float32]
+    small[-1].float().square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in encoder.parameters())
+    assert [f.dtype for f in encoder.forward_features(torch.randn(2, 1, 32, 32, 32))] == [torch.float32] * 5  # no autocast

@@ -4,12 +4,19 @@ The CPU-friendly default: convolutions only, small channel counts, and 5 levels 
 full resolution, then one stage per level; every stage after the first halves the resolution with a strided residual
 block and adds more residual blocks (MONAI's ``UnetResBlock``: conv-norm-act-conv-norm + skip, instance norm, leaky
 ReLU, as in nnU-Net).
+
+Under bfloat16 autocast a stage whose output map holds at most ``TINY_MAP_VOXELS`` voxels (the deepest stage of a
+32^3 input: 2^3) runs in float32: on the CPU, oneDNN's bfloat16 weight gradient of a 3x3x3 convolution on a 2^3 map
+is now and then NaN or garbage of 1e30 (``benchmarks/bf16_conv_nonfinite.py``, docs/benchmarks.md); on such a map
+float32 costs next to nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 from monai.networks.blocks import Convolution, UnetResBlock
 from torch import Tensor, nn
 
@@ -17,6 +24,7 @@ from medtriad.models.encoders.base import Encoder, FeatureInfo, register_encoder
 
 _NORMS = {"instance": ("instance", {"affine": True}), "batch": ("batch", {})}
 _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+TINY_MAP_VOXELS = 27  # 3^3: 2^3 maps are where bfloat16 weight gradients went wrong; 4^3 measured clean
 
 
 def _res_block(in_channels: int, out_channels: int, stride: int, norm: tuple) -> UnetResBlock:
@@ -64,8 +72,14 @@ class ResEncEncoder(Encoder):
     def forward_features(self, x: Tensor) -> list[Tensor]:
         features = []
         x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
+        for i, stage in enumerate(self.stages):
+            stride = 1 if i == 0 else 2
+            if (torch.is_autocast_enabled(x.device.type)
+                    and math.prod(-(-size // stride) for size in x.shape[2:]) <= TINY_MAP_VOXELS):
+                with torch.autocast(x.device.type, enabled=False):
+                    x = stage(x.float())
+            else:
+                x = stage(x)
             features.append(x)
         return features
 
