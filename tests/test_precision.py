@@ -55,10 +55,10 @@ def test_bf16_training_on_cpu_runs_in_bfloat16_and_keeps_float32_weights(synth_d
     assert trainer.autocast is torch.bfloat16 and math.isfinite(result.best_score)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast: weights stay float32
     seen = []
-    hook = trainer.model.encoder.last_shared_layer().register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    hook = trainer.model.encoder.stages[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     losses, _ = trainer._losses(trainer._batch(0))
     hook.remove()
-    assert seen == [torch.bfloat16]  # the convolutions ran in bfloat16 ...
+    assert seen == [torch.bfloat16]  # the convolutions ran in bfloat16 (the deepest, tiny maps: float32) ...
     assert losses and all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())  # losses float32
 
     # the run predicted in bf16 agrees with float32 predictions, and every output comes back as float32
@@ -67,7 +67,7 @@ def test_bf16_training_on_cpu_runs_in_bfloat16_and_keeps_float32_weights(synth_d
     exact = Predictor.from_pretrained(tmp_path / "run", device="cpu").predict_grid(sample.image)
     fast = Predictor.from_pretrained(tmp_path / "run", device="cpu", inference={"precision": "bf16"})
     seen = []
-    hook = fast.model.encoder.last_shared_layer().register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    hook = fast.model.encoder.stages[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     approx = fast.predict_grid(sample.image)
     hook.remove()
     assert seen and set(seen) == {torch.bfloat16}
