@@ -461,7 +461,7 @@ class Trainer:
                 break
             self.model.train()
             sums: dict[str, list[float]] = {}
-            skipped = 0  # steps of this epoch with non-finite gradients, not applied
+            skipped, first_step = 0, step  # skipped: steps of this epoch with non-finite gradients, not applied
             bar = tqdm(range(cfg.training.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.training.epochs}",
                        disable=not self.progress, leave=False)
             for _ in bar:
@@ -500,7 +500,7 @@ class Trainer:
                                       "losses": {k: _finite_mean(v) for k, v in sums.items()},
                                       "loss_weights": self.balancer.weights(), "skipped_steps": skipped}
             if skipped and self.main:
-                warnings.warn(f"epoch {epoch + 1}: {skipped} of {cfg.training.iterations_per_epoch} steps had "
+                warnings.warn(f"epoch {epoch + 1}: {skipped} of {step - first_step} steps had "
                               "non-finite gradients and were skipped", stacklevel=2)
             last_epoch = epoch + 1 == cfg.training.epochs or out_of_time()
             if (epoch + 1) % cfg.training.validate_every == 0 or last_epoch:

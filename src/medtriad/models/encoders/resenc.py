@@ -71,11 +71,11 @@ class ResEncEncoder(Encoder):
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         features = []
+        size = x.shape[2:]
         x = self.stem(x)
-        for i, stage in enumerate(self.stages):
-            stride = 1 if i == 0 else 2
+        for stage, info in zip(self.stages, self.feature_info):
             if (torch.is_autocast_enabled(x.device.type)
-                    and math.prod(-(-size // stride) for size in x.shape[2:]) <= TINY_MAP_VOXELS):
+                    and math.prod(-(-s // info.stride) for s in size) <= TINY_MAP_VOXELS):  # the stage's output map
                 with torch.autocast(x.device.type, enabled=False):
                     x = stage(x.float())
             else:
