@@ -6,7 +6,7 @@ from medtriad.config import Config, list_recipes
 
 
 def test_packaged_recipes_load_and_round_trip(tmp_path):
-    assert {"brats-cpu", "brats-swin", "demo-cpu", "demo-quick", "tiny"} <= set(list_recipes())
+    assert {"brats-cpu", "brats-segresnet", "brats-swin", "demo-cpu", "demo-quick", "tiny"} <= set(list_recipes())
     for name in list_recipes():
         config = Config.load(name)
         config.save(tmp_path / f"{name}.yaml")

@@ -62,11 +62,13 @@ class ModelConfig:
     """Which encoder and which heads; any subset of heads builds.
 
     Args:
-        encoder: a name from the encoder registry (``swin``, ``resenc``).
+        encoder: a name from the encoder registry (``swin``, ``resenc``, ``segresnet``, ``slice2d``).
         encoder_kwargs: passed to the encoder's constructor.
         heads: subset of ``segmentation``, ``detection``, ``classification``.
-        segmentation: segmentation head settings (``decoder_channels``: one width per decoder level, fine to coarse;
-            ``prior``; ``deep_supervision``: coarser decoder levels scored in training; see SegmentationHead).
+        segmentation: segmentation head settings: ``decoder`` ``unet`` (default; ``decoder_channels``: one width per
+            decoder level, fine to coarse; ``prior``; ``deep_supervision``: coarser decoder levels scored in training;
+            see SegmentationHead) or ``segresnet`` (MONAI SegResNet's decoder: ``blocks_up``, ``prior``; see
+            SegResNetDecoder).
         detection: detection head settings (anchor shapes are derived from the training boxes when absent).
         classification_hidden: width of the attention-pooling MLP.
         classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``);

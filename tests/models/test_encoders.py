@@ -9,7 +9,8 @@ from monai.networks.nets import SwinUNETR
 from medtriad.models.encoders import Encoder, FeatureInfo, create_encoder, list_encoders, register_encoder
 
 # Small configurations keep the CPU tests fast; encoders not listed are tested with their defaults.
-SMALL = {"swin": {"embed_dim": 12}, "resenc": {"channels": (8, 16, 32, 64), "blocks": (1, 1, 2, 1)}}
+SMALL = {"swin": {"embed_dim": 12}, "resenc": {"channels": (8, 16, 32, 64), "blocks": (1, 1, 2, 1)},
+         "segresnet": {"init_filters": 8, "blocks_down": (1, 2, 1)}}
 IN_CHANNELS = 4
 
 
@@ -24,8 +25,8 @@ def small_input(encoder: Encoder) -> torch.Tensor:
     return torch.randn(1, IN_CHANNELS, 2 * d, d, d)
 
 
-def test_swin_and_resenc_are_registered():
-    assert {"swin", "resenc"} <= set(list_encoders())
+def test_swin_resenc_and_segresnet_are_registered():
+    assert {"swin", "resenc", "segresnet"} <= set(list_encoders())
 
 
 @pytest.mark.parametrize("name", list_encoders())

@@ -7,9 +7,11 @@ import torch
 
 from medtriad.models.encoders import FeatureInfo, create_encoder, list_encoders
 from medtriad.models.heads.classification import ClassificationHead
-from medtriad.models.heads.segmentation import SegmentationHead
+from medtriad.models.heads.segmentation import SegmentationHead, SegResNetDecoder, build_segmentation_head
+from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
-SMALL = {"swin": {"embed_dim": 12}, "resenc": {"channels": (8, 16, 32, 64), "blocks": (1, 1, 1, 1)}}
+SMALL = {"swin": {"embed_dim": 12}, "resenc": {"channels": (8, 16, 32, 64), "blocks": (1, 1, 1, 1)},
+         "segresnet": {"init_filters": 8, "blocks_down": (1, 2, 1)}}
 
 
 def encoder_and_input(name: str):
@@ -73,6 +75,47 @@ def test_deep_supervision_outputs_coarser_levels_in_training_only():
         with pytest.raises(ValueError, match="deep_supervision"):
             SegmentationHead(encoder.feature_info, num_outputs=3, deep_supervision=bad)
     assert len(SegmentationHead(encoder.feature_info, num_outputs=3).forward_deep(features)) == 1
+
+
+def test_segresnet_encoder_and_decoder_are_monai_segresnet():
+    """encoder segresnet + decoder segresnet is MONAI's SegResNet: its state dict loads under the same names (encode
+    half into the encoder, decode half into the head) and the outputs are identical."""
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    reference = SegResNet(init_filters=8, in_channels=4, out_channels=3, blocks_down=(1, 2, 2, 4)).eval()
+    spec = ModelSpec(encoder="segresnet", in_channels=4, channel_names=["a", "b", "c", "d"], heads=["segmentation"],
+                     spacing=[2.0, 2.0, 2.0], encoder_kwargs={"init_filters": 8},
+                     regions={"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}, segmentation={"decoder": "segresnet"})
+    model = MultiTaskModel(spec).eval()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    encode = ("convInit", "down_layers")
+    model.load_state_dict({("encoder." if k.startswith(encode) else "heads.segmentation.") + k: v
+                           for k, v in reference.state_dict().items()})
+    x = torch.randn(1, 4, 32, 16, 24)
+    with torch.no_grad():
+        assert torch.allclose(model(x)["segmentation"], reference(x), atol=1e-5)
+
+
+def test_segresnet_decoder_prior_and_errors():
+    encoder, x = encoder_and_input("segresnet")
+    with torch.no_grad():
+        features = encoder(x)
+    head = build_segmentation_head(encoder.feature_info, 2, decoder="segresnet", prior=0.01, blocks_up=(2, 1))
+    assert isinstance(head, SegResNetDecoder) and len(head.up_layers[0]) == 2
+    assert torch.allclose(head.conv_final[-1].conv.bias, torch.logit(torch.tensor(0.01)))
+    with torch.no_grad():
+        assert head(features).shape == (1, 2, *x.shape[2:])
+        assert torch.sigmoid(head(features)).median() < 0.05
+    resenc = create_encoder("resenc", 2, channels=(8, 16, 48), blocks=(1, 1, 1))  # channels do not double
+    with pytest.raises(ValueError, match="doubling"):
+        SegResNetDecoder(resenc.feature_info, 2)
+    with pytest.raises(ValueError, match="blocks_up"):
+        SegResNetDecoder(encoder.feature_info, 2, blocks_up=(1,))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        build_segmentation_head(encoder.feature_info, 2, decoder="unetr")
+    with pytest.raises(ValueError, match="3 feature maps"):
+        head(features[1:])
 
 
 def test_segmentation_head_overfits_a_blob():

@@ -20,7 +20,7 @@ from medtriad.models.encoders import create_encoder
 from medtriad.models.encoders.coordinates import WithRadialCoordinate
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.heads.detection import DetectionHead
-from medtriad.models.heads.segmentation import SegmentationHead
+from medtriad.models.heads.segmentation import build_segmentation_head
 
 HEADS = ("segmentation", "detection", "classification")
 
@@ -37,7 +37,7 @@ class ModelSpec:
         regions: segmentation region -> label values (e.g. WT -> [1, 2, 4]); output channel order.
         labels: label name -> value of the training label maps (to write masks in the training convention).
         tasks: classification task -> {"kind": binary|multiclass|multilabel, "classes": [...]}.
-        segmentation: SegmentationHead keyword arguments (decoder channels, prior, deep supervision).
+        segmentation: build_segmentation_head keyword arguments (decoder, its channels, prior, deep supervision).
         detection: DetectionHead keyword arguments (anchor shapes, strides, thresholds).
         spacing: the grid (mm) the model works on.
         normalization: the intensity normalisation of its inputs (medtriad.data.transforms.normalize).
@@ -102,7 +102,7 @@ class MultiTaskModel(nn.Module):
         if "segmentation" in spec.heads:
             if not spec.regions:
                 raise ValueError("a segmentation head needs regions (dataset.json medtriad.regions)")
-            self.heads["segmentation"] = SegmentationHead(info, len(spec.regions), **spec.segmentation)
+            self.heads["segmentation"] = build_segmentation_head(info, len(spec.regions), **spec.segmentation)
         if "detection" in spec.heads:
             if "anchor_shapes" not in spec.detection:
                 raise ValueError("a detection head needs anchor_shapes (derived from the training boxes)")

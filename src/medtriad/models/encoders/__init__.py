@@ -8,12 +8,14 @@ from medtriad.models.encoders.base import (
     register_encoder,
 )
 from medtriad.models.encoders.resenc import ResEncEncoder
+from medtriad.models.encoders.segresnet import SegResNetEncoder
 from medtriad.models.encoders.swin import SwinEncoder
 
 __all__ = [
     "Encoder",
     "FeatureInfo",
     "ResEncEncoder",
+    "SegResNetEncoder",
     "SwinEncoder",
     "create_encoder",
     "list_encoders",

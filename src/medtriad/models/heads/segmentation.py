@@ -6,6 +6,10 @@ the next finer level, concatenation with that level's features, two conv-norm-ac
 plain instead of residual conv blocks. The output is one logit map per region (sigmoid, not softmax: BraTS regions
 WT/TC/ET nest inside each other). Optional deep supervision (nnU-Net's): during training, coarser decoder levels emit
 their own logits too (``forward_deep``), scored against downsampled targets; inference reads the finest only.
+
+``SegResNetDecoder`` is the other decoder (``model.segmentation.decoder: segresnet``): MONAI SegResNet's decoder half
+(1x1x1 conv + trilinear upsampling, skip added, pre-activation residual blocks, norm-act-conv output); over the
+``segresnet`` encoder the model is MONAI's SegResNet, module for module. :func:`build_segmentation_head` picks one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Sequence
 
 from monai.networks.blocks import UnetOutBlock, UnetUpBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
+from monai.networks.blocks.segresnet_block import ResBlock, get_upsample_layer
+from monai.networks.layers.factories import Act
+from monai.networks.layers.utils import get_norm_layer
 from torch import Tensor, nn
 
 from medtriad.models.encoders.base import FeatureInfo
@@ -82,10 +89,8 @@ class SegmentationHead(nn.Module):
         self.deep_outs = nn.ModuleList(UnetOutBlock(3, decoder_channels[level], num_outputs)
                                        for level in range(1, deep_supervision + 1))
         if prior is not None:
-            if not 0.0 < prior < 1.0:
-                raise ValueError(f"prior must be a probability in (0, 1) or None, got {prior}")
             for out in [self.out, *self.deep_outs]:
-                nn.init.constant_(out.conv.conv.bias, math.log(prior / (1.0 - prior)))
+                _set_prior(out.conv.conv.bias, prior)
 
     def _decode(self, features: Sequence[Tensor]) -> list[Tensor]:
         """The up blocks' outputs, one per level but the coarsest, fine to coarse."""
@@ -106,3 +111,83 @@ class SegmentationHead(nn.Module):
         ``deep_supervision`` coarser decoder levels (each at its level's resolution), fine to coarse."""
         levels = self._decode(features)
         return [self.out(self.final_up(levels[0]))] + [out(x) for out, x in zip(self.deep_outs, levels[1:])]
+
+
+class SegResNetDecoder(nn.Module):
+    """MONAI SegResNet's decoder (Myronenko, BrainLes 2018) over any encoder whose channels double per level.
+
+    From the coarsest level to the finest, each step reduces the channels to the next finer level's with a 1x1x1 conv,
+    upsamples (``upsample_mode``, MONAI's; trilinear by default), adds that level's features and runs ``blocks_up``
+    pre-activation residual blocks; the output is group norm, ReLU and a 1x1x1 conv to one logit per region. Module
+    names are MONAI's (``up_samples``, ``up_layers``, ``conv_final``), so a SegResNet state dict loads into the
+    ``segresnet`` encoder plus this head.
+
+    Args:
+        feature_info: the encoder's levels, fine to coarse: finest stride 1, each level twice the previous stride
+            and channels.
+        num_outputs: logit channels, one per region.
+        blocks_up: residual blocks per decoder step, coarse to fine (MONAI's order; default one per step).
+        num_groups: groups of the group norm.
+        upsample_mode: "nontrainable" (trilinear), "deconv" or "pixelshuffle".
+        prior: starting probability of every region (bias ``logit(prior)``), None for PyTorch's default.
+    """
+
+    deep_supervision = 0  # MultiTaskModel asks; SegResNet has no deep supervision
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_outputs: int, blocks_up: Sequence[int] | None = None,
+                 num_groups: int = 8, upsample_mode: str = "nontrainable", prior: float | None = 0.01):
+        super().__init__()
+        info = list(feature_info)
+        if len(info) < 2:
+            raise ValueError(f"the segresnet decoder needs at least 2 feature levels, got {len(info)}")
+        for i, level in enumerate(info):
+            if level.stride != 2**i or level.channels != info[0].channels * 2**i:
+                raise ValueError("the segresnet decoder needs strides 1, 2, 4, ... and channels doubling per level; got "
+                                 + ", ".join(f"{f.channels}@{f.stride}" for f in info))
+        blocks_up = [1] * (len(info) - 1) if blocks_up is None else list(blocks_up)
+        if len(blocks_up) != len(info) - 1 or min(blocks_up) < 1:
+            raise ValueError(f"blocks_up needs {len(info) - 1} entries >= 1 (one per decoder step), got {blocks_up}")
+        norm = ("GROUP", {"num_groups": num_groups})
+        act = ("RELU", {"inplace": True})
+        self.num_levels = len(info)
+        self.up_samples, self.up_layers = nn.ModuleList(), nn.ModuleList()
+        for level, blocks in zip(reversed(range(len(info) - 1)), blocks_up):  # coarse -> fine, as MONAI orders them
+            c = info[level].channels
+            self.up_samples.append(nn.Sequential(get_conv_layer(3, 2 * c, c, kernel_size=1, conv_only=True),
+                                                 get_upsample_layer(3, c, upsample_mode=upsample_mode)))
+            self.up_layers.append(nn.Sequential(*[ResBlock(3, c, norm=norm, act=act) for _ in range(blocks)]))
+        self.conv_final = nn.Sequential(get_norm_layer(norm, 3, info[0].channels), Act[act[0]](**act[1]),
+                                        get_conv_layer(3, info[0].channels, num_outputs, kernel_size=1, bias=True,
+                                                       conv_only=True))
+        if prior is not None:
+            _set_prior(self.conv_final[-1].conv.bias, prior)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        """features: one map per encoder level, fine to coarse -> logits (B, num_outputs, X, Y, Z)."""
+        if len(features) != self.num_levels:
+            raise ValueError(f"SegResNetDecoder expects {self.num_levels} feature maps, got {len(features)}")
+        x = features[-1]
+        for up, layer, skip in zip(self.up_samples, self.up_layers, reversed(features[:-1])):
+            x = layer(up(x) + skip)
+        return self.conv_final(x)
+
+
+DECODERS = ("unet", "segresnet")
+
+
+def build_segmentation_head(feature_info: Sequence[FeatureInfo], num_outputs: int, decoder: str = "unet",
+                            **kwargs) -> nn.Module:
+    """The segmentation head ``model.segmentation`` describes: ``decoder`` "unet" (:class:`SegmentationHead`, the
+    default) or "segresnet" (:class:`SegResNetDecoder`); the other keys go to its constructor."""
+    if decoder == "unet":
+        return SegmentationHead(feature_info, num_outputs, **kwargs)
+    if decoder == "segresnet":
+        return SegResNetDecoder(feature_info, num_outputs, **kwargs)
+    raise ValueError(f"model.segmentation.decoder must be one of {DECODERS}, got {decoder!r}")
+
+
+def _set_prior(bias: Tensor, prior: float) -> None:
+    """Set an output layer's bias to ``logit(prior)`` (RetinaNet's prior initialisation)."""
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be a probability in (0, 1) or None, got {prior}")
+    nn.init.constant_(bias, math.log(prior / (1.0 - prior)))

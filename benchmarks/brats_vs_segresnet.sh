@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 2, "never below the single-task reference under the same budget": the multi-task recipe brats-cpu (arm A) and
+# the single-task reference brats-segresnet (arm R: MONAI's SegResNet, init_filters 16, 2 mm, 64^3, Dice + focal)
+# train for 60 minutes each on the same fold of the shared BraTS sample, side by side with one thread each (the same
+# conditions for both), then both are evaluated on the fold's 2 held-out cases with their final weights, as predicted
+# by default and with test-time mirroring (8 passes).
+# Usage: bash benchmarks/brats_vs_segresnet.sh WORKDIR FOLD
+#   results in WORKDIR/ref-foldFOLD/{A,R}/{evaluation_val_last,eval_mirrored}/summary.json and a table on stdout.
+set -euo pipefail
+work=${1:?WORKDIR}
+fold=${2:?FOLD}
+data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
+[ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
+out="$work/ref-fold$fold"
+mkdir -p "$out"
+declare -A recipe=([A]=brats-cpu [R]=brats-segresnet)
+for arm in A R; do
+  OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c "${recipe[$arm]}" -o "$out/$arm" --fold "$fold" -q \
+      --set training.validate_every=1000 --set training.num_threads=1 > "$out/$arm.log" 2>&1 &
+done
+wait
+for arm in A R; do
+  ( OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q > /dev/null
+    OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q \
+        --set "inference.mirror_axes=[0,1,2]" -o "$out/$arm/eval_mirrored" > /dev/null ) &
+done
+wait
+python - "$out" <<'PY'
+import json, sys
+for arm in "AR":
+    steps = json.load(open(f"{sys.argv[1]}/{arm}/history.json"))[-1]["step"]
+    for name in ("evaluation_val_last", "eval_mirrored"):
+        seg = json.load(open(f"{sys.argv[1]}/{arm}/{name}/summary.json"))["segmentation"]
+        dice = {k: v["mean"] for k, v in seg.items() if k.startswith("dice")}
+        print(arm, name, f"steps={steps}", " ".join(f"{k}={v:.3f}" for k, v in dice.items()),
+              f"mean={sum(dice.values()) / len(dice):.3f}")
+PY
