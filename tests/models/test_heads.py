@@ -114,6 +114,12 @@ def test_segresnet_decoder_prior_and_errors():
         SegResNetDecoder(encoder.feature_info, 2, blocks_up=(1,))
     with pytest.raises(ValueError, match="decoder must be one of"):
         build_segmentation_head(encoder.feature_info, 2, decoder="unetr")
+    with pytest.raises(ValueError, match=r"segresnet decoder takes no \['deep_supervision'\]"):
+        build_segmentation_head(encoder.feature_info, 2, decoder="segresnet", deep_supervision=1)
+    with pytest.raises(ValueError, match=r"unet decoder takes no \['blocks_up'\]"):
+        build_segmentation_head(encoder.feature_info, 2, blocks_up=(1, 1))
+    with pytest.raises(ValueError, match="num_groups 3"):
+        SegResNetDecoder(encoder.feature_info, 2, num_groups=3)
     with pytest.raises(ValueError, match="3 feature maps"):
         head(features[1:])
 

@@ -241,7 +241,8 @@ class Trainer:
         cfg, spec = self.config.model, self.spec
         if heads != ["classification"]:
             raise ValueError(f"encoder slice2d serves classification plugins only (heads: [classification]), got "
-                             f"{heads}; segmentation and detection need a multi-scale 3D encoder (resenc, segresnet, swin)")
+                             f"{heads}; segmentation and detection need a multi-scale 3D encoder (resenc, segresnet, "
+                             f"swin)")
         unknown = set(cfg.plugin_tasks) - set(spec.tasks)
         if unknown:
             raise ValueError(f"model.plugin_tasks names unknown task(s) {sorted(unknown)}; tasks: {sorted(spec.tasks)}")

@@ -100,7 +100,8 @@ class DetectionHead(nn.Module):
         feature_info: the encoder's levels (channels, stride), fine to coarse.
         anchor_shapes: base anchor shapes (w, h, d) in voxels at the finest pyramid level; the level with stride ratio
             s to the finest uses shapes * s (see :func:`anchor_shapes_from_boxes`).
-        strides: encoder strides that feed the pyramid (default: 4, 8, 16 where available).
+        strides: encoder strides that feed the pyramid (default 4, 8, 16; each must be one of the encoder's, e.g.
+            2, 4, 8 for an encoder whose coarsest stride is 8).
         fpn_channels: channels of every pyramid map.
         num_classes: box classes (1 for lesion detection).
         score_threshold / nms_threshold / max_detections: inference box selection.
@@ -114,7 +115,8 @@ class DetectionHead(nn.Module):
         available = [f.stride for f in feature_info]
         missing = [s for s in strides if s not in available]
         if missing:
-            raise ValueError(f"detection strides {missing} are not among the encoder's strides {available}")
+            raise ValueError(f"detection strides {missing} are not among the encoder's strides {available}: set "
+                             f"model.detection.strides to three of them (or give the encoder more levels)")
         self.levels = [available.index(s) for s in strides]
         self.strides = list(strides)
         self.anchor_shapes = [list(map(float, a)) for a in anchor_shapes]

@@ -14,14 +14,13 @@ their own logits too (``forward_deep``), scored against downsampled targets; inf
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
 from monai.networks.blocks import UnetOutBlock, UnetUpBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
-from monai.networks.blocks.segresnet_block import ResBlock, get_upsample_layer
-from monai.networks.layers.factories import Act
-from monai.networks.layers.utils import get_norm_layer
+from monai.networks.nets import SegResNet
 from torch import Tensor, nn
 
 from medtriad.models.encoders.base import FeatureInfo
@@ -118,47 +117,38 @@ class SegResNetDecoder(nn.Module):
 
     From the coarsest level to the finest, each step reduces the channels to the next finer level's with a 1x1x1 conv,
     upsamples (``upsample_mode``, MONAI's; trilinear by default), adds that level's features and runs ``blocks_up``
-    pre-activation residual blocks; the output is group norm, ReLU and a 1x1x1 conv to one logit per region. Module
-    names are MONAI's (``up_samples``, ``up_layers``, ``conv_final``), so a SegResNet state dict loads into the
-    ``segresnet`` encoder plus this head.
+    pre-activation residual blocks; the output is group norm, ReLU and a 1x1x1 conv to one logit per region. MONAI
+    builds the modules (a ``SegResNet`` whose decoder half is kept), under MONAI's names (``up_samples``,
+    ``up_layers``, ``conv_final``), so a SegResNet state dict loads into the ``segresnet`` encoder plus this head.
 
     Args:
-        feature_info: the encoder's levels, fine to coarse: finest stride 1, each level twice the previous stride
-            and channels.
+        feature_info: the encoder's levels, fine to coarse: strides 1, 2, 4, ... and channels doubling per level.
         num_outputs: logit channels, one per region.
         blocks_up: residual blocks per decoder step, coarse to fine (MONAI's order; default one per step).
-        num_groups: groups of the group norm.
+        num_groups: groups of the group norm (must divide the finest level's channels).
         upsample_mode: "nontrainable" (trilinear), "deconv" or "pixelshuffle".
         prior: starting probability of every region (bias ``logit(prior)``), None for PyTorch's default.
     """
 
-    deep_supervision = 0  # MultiTaskModel asks; SegResNet has no deep supervision
+    deep_supervision = 0  # MultiTaskModel and the trainer ask; SegResNet has no deep supervision
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_outputs: int, blocks_up: Sequence[int] | None = None,
                  num_groups: int = 8, upsample_mode: str = "nontrainable", prior: float | None = 0.01):
         super().__init__()
         info = list(feature_info)
-        if len(info) < 2:
-            raise ValueError(f"the segresnet decoder needs at least 2 feature levels, got {len(info)}")
-        for i, level in enumerate(info):
-            if level.stride != 2**i or level.channels != info[0].channels * 2**i:
-                raise ValueError("the segresnet decoder needs strides 1, 2, 4, ... and channels doubling per level; got "
-                                 + ", ".join(f"{f.channels}@{f.stride}" for f in info))
+        if len(info) < 2 or any(f.stride != 2**i or f.channels != info[0].channels * 2**i for i, f in enumerate(info)):
+            raise ValueError("the segresnet decoder needs at least 2 levels with strides 1, 2, 4, ... and channels "
+                             "doubling per level; got " + ", ".join(f"{f.channels}@{f.stride}" for f in info))
         blocks_up = [1] * (len(info) - 1) if blocks_up is None else list(blocks_up)
         if len(blocks_up) != len(info) - 1 or min(blocks_up) < 1:
             raise ValueError(f"blocks_up needs {len(info) - 1} entries >= 1 (one per decoder step), got {blocks_up}")
-        norm = ("GROUP", {"num_groups": num_groups})
-        act = ("RELU", {"inplace": True})
+        if info[0].channels % num_groups:
+            raise ValueError(f"num_groups {num_groups} does not divide the finest level's {info[0].channels} channels")
+        net = SegResNet(spatial_dims=3, init_filters=info[0].channels, out_channels=num_outputs, blocks_down=(1,),
+                        blocks_up=tuple(blocks_up), norm=("GROUP", {"num_groups": num_groups}),
+                        upsample_mode=upsample_mode)
         self.num_levels = len(info)
-        self.up_samples, self.up_layers = nn.ModuleList(), nn.ModuleList()
-        for level, blocks in zip(reversed(range(len(info) - 1)), blocks_up):  # coarse -> fine, as MONAI orders them
-            c = info[level].channels
-            self.up_samples.append(nn.Sequential(get_conv_layer(3, 2 * c, c, kernel_size=1, conv_only=True),
-                                                 get_upsample_layer(3, c, upsample_mode=upsample_mode)))
-            self.up_layers.append(nn.Sequential(*[ResBlock(3, c, norm=norm, act=act) for _ in range(blocks)]))
-        self.conv_final = nn.Sequential(get_norm_layer(norm, 3, info[0].channels), Act[act[0]](**act[1]),
-                                        get_conv_layer(3, info[0].channels, num_outputs, kernel_size=1, bias=True,
-                                                       conv_only=True))
+        self.up_samples, self.up_layers, self.conv_final = net.up_samples, net.up_layers, net.conv_final
         if prior is not None:
             _set_prior(self.conv_final[-1].conv.bias, prior)
 
@@ -167,23 +157,28 @@ class SegResNetDecoder(nn.Module):
         if len(features) != self.num_levels:
             raise ValueError(f"SegResNetDecoder expects {self.num_levels} feature maps, got {len(features)}")
         x = features[-1]
-        for up, layer, skip in zip(self.up_samples, self.up_layers, reversed(features[:-1])):
+        for up, layer, skip in zip(self.up_samples, self.up_layers, reversed(features[:-1])):  # SegResNet.decode
             x = layer(up(x) + skip)
         return self.conv_final(x)
 
 
-DECODERS = ("unet", "segresnet")
+DECODERS = {"unet": SegmentationHead, "segresnet": SegResNetDecoder}
 
 
 def build_segmentation_head(feature_info: Sequence[FeatureInfo], num_outputs: int, decoder: str = "unet",
                             **kwargs) -> nn.Module:
     """The segmentation head ``model.segmentation`` describes: ``decoder`` "unet" (:class:`SegmentationHead`, the
-    default) or "segresnet" (:class:`SegResNetDecoder`); the other keys go to its constructor."""
-    if decoder == "unet":
-        return SegmentationHead(feature_info, num_outputs, **kwargs)
-    if decoder == "segresnet":
-        return SegResNetDecoder(feature_info, num_outputs, **kwargs)
-    raise ValueError(f"model.segmentation.decoder must be one of {DECODERS}, got {decoder!r}")
+    default) or "segresnet" (:class:`SegResNetDecoder`); the other keys go to its constructor, and a key it does not
+    take is a ValueError naming the keys it does."""
+    if decoder not in DECODERS:
+        raise ValueError(f"model.segmentation.decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
+    head = DECODERS[decoder]
+    known = set(inspect.signature(head).parameters) - {"feature_info", "num_outputs"}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise ValueError(f"model.segmentation: the {decoder} decoder takes no {sorted(unknown)}; it takes "
+                         f"{sorted(known | {'decoder'})}")
+    return head(feature_info, num_outputs, **kwargs)
 
 
 def _set_prior(bias: Tensor, prior: float) -> None:
