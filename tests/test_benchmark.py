@@ -12,6 +12,7 @@ from medtriad.benchmark import (
     VARIANTS,
     brats_model_spec,
     compare_folds,
+    config_with_encoder,
     count_flops,
     count_parameters,
     format_folds_markdown,
@@ -25,6 +26,7 @@ from medtriad.benchmark import (
 from medtriad.cli import main
 from medtriad.config import Config
 from medtriad.models.encoders import create_encoder
+from medtriad.models.heads.segmentation import SegmentationHead
 from medtriad.models.multitask import MultiTaskModel
 
 ROWS = ("| multi |", "| seg |", "| det |", "| cls |", "| single-task sum |", "| multi / sum |")
@@ -91,6 +93,18 @@ def test_swin_encoder_override_and_input_size_check():
     with pytest.raises(ValueError, match="deepest map"):
         measure_model(spec, (32, 32, 32), warmup=0, repeats=1, memory=False)
     assert brats_model_spec(Config.load("tiny"), encoder="swin").encoder_kwargs == {}
+
+
+def test_another_encoder_drops_the_configs_encoder_and_decoder_settings():
+    """--encoder: brats-cpu's four decoder widths do not fit swin's six levels, nor resenc's settings segresnet."""
+    swin = config_with_encoder(Config.load("brats-cpu"), "swin")
+    assert swin.model.encoder == "swin" and swin.model.encoder_kwargs == {} and swin.model.segmentation == {}
+    assert Config.load("brats-cpu").model.segmentation  # the loaded recipe is not changed
+    spec = brats_model_spec(config_with_encoder(Config.load("brats-segresnet"), "resenc"))
+    assert spec.encoder == "resenc" and "decoder" not in spec.segmentation
+    model = MultiTaskModel(spec)
+    assert isinstance(model.heads["segmentation"], SegmentationHead)
+    assert config_with_encoder(Config.load("brats-cpu"), "resenc") == Config.load("brats-cpu")
 
 
 def test_cpu_memory_in_a_child_process():

@@ -84,6 +84,15 @@ def brats_model_spec(config: Config, encoder: str | None = None,
         radial_coordinate=config.model.radial_coordinate)
 
 
+def config_with_encoder(config: Config, encoder: str | None) -> Config:
+    """A copy of ``config`` with another encoder; its ``encoder_kwargs`` and ``segmentation`` settings are dropped
+    (they belong to the config's own encoder: decoder widths per level, a decoder that needs its channel layout)."""
+    config = copy.deepcopy(config)
+    if encoder and encoder != config.model.encoder:
+        config.model.encoder, config.model.encoder_kwargs, config.model.segmentation = encoder, {}, {}
+    return config
+
+
 def variant_specs(spec: ModelSpec) -> dict[str, ModelSpec]:
     """``spec`` as the multi-task model plus one single-task spec per head (``heads=[head]``, all else equal)."""
     missing = set(VARIANTS["multi"]) - set(spec.heads)
@@ -343,17 +352,14 @@ def run_benchmark(config: Config, out: str | Path, input_size: Sequence[int] | N
 
     Args:
         input_size: the measured input (default: the config's patch size); multiples of the encoder's divisor.
-        encoder: overrides ``config.model.encoder`` (its ``encoder_kwargs`` are then dropped: they belong to the
-            config's own encoder).
+        encoder: overrides ``config.model.encoder`` (see :func:`config_with_encoder`).
         dataset / minutes / fold: train each model for ``minutes`` on this dataset's fold and add its validation
             metrics; the measured specs are then the trained runs' ``model.json`` (the dataset's regions and tasks).
         device: where training runs and the second latency device (default: CUDA when present); CPU is always timed.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(config)
-    if encoder and encoder != config.model.encoder:
-        config.model.encoder, config.model.encoder_kwargs = encoder, {}
+    config = config_with_encoder(config, encoder)
     input_size = tuple(int(s) for s in (input_size or config.data.patch_size))
     training: dict[str, dict[str, Any]] = {}
     if dataset is not None:

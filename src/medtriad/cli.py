@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder for benchmark.md and benchmark.json")
     p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="measured input (default: the config's patch size)")
-    p.add_argument("--encoder", default=None, help="override the config's encoder (swin, resenc)")
+    p.add_argument("--encoder", default=None, help="override the config's encoder (swin, resenc, segresnet)")
     p.add_argument("--train", default=None, metavar="DATASET", help="also train each model on this dataset")
     p.add_argument("--minutes", type=float, default=None, help="training budget per model (with --train)")
     p.add_argument("--fold", type=int, default=0)
