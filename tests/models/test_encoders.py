@@ -129,3 +129,16 @@ def test_resenc_runs_stages_with_tiny_maps_in_float32_under_bf16_autocast():
     small[-1].float().square().mean().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in encoder.parameters())
     assert [f.dtype for f in encoder.forward_features(torch.randn(2, 1, 32, 32, 32))] == [torch.float32] * 5  # no autocast
+
+
+def test_segresnet_normalises_the_maps_it_hands_to_heads():
+    """Pre-activation blocks leave a stage's output unnormalised: raw maps scale with the input (and grew to std ~5000
+    in BraTS training, wrecking the grade head), the default normalised maps do not."""
+    torch.manual_seed(0)
+    x = 1000 * torch.randn(1, IN_CHANNELS, 16, 16, 16)
+    normed = create_encoder("segresnet", IN_CHANNELS, init_filters=8, blocks_down=(1, 2, 2))
+    raw = create_encoder("segresnet", IN_CHANNELS, init_filters=8, blocks_down=(1, 2, 2), norm_features=False)
+    raw.load_state_dict(normed.state_dict(), strict=False)  # same convolutions; raw has no feature norms
+    with torch.no_grad():
+        assert all(f.abs().max() < 20 and f.min() >= 0 for f in normed(x))
+        assert all(f.abs().max() > 100 for f in raw(x))

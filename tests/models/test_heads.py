@@ -85,7 +85,7 @@ def test_segresnet_encoder_and_decoder_are_monai_segresnet():
     torch.manual_seed(0)
     reference = SegResNet(init_filters=8, in_channels=4, out_channels=3, blocks_down=(1, 2, 2, 4)).eval()
     spec = ModelSpec(encoder="segresnet", in_channels=4, channel_names=["a", "b", "c", "d"], heads=["segmentation"],
-                     spacing=[2.0, 2.0, 2.0], encoder_kwargs={"init_filters": 8},
+                     spacing=[2.0, 2.0, 2.0], encoder_kwargs={"init_filters": 8, "norm_features": False},
                      regions={"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}, segmentation={"decoder": "segresnet"})
     model = MultiTaskModel(spec).eval()
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())

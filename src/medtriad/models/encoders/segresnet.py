@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import SegResNet
 from torch import Tensor, nn
 
@@ -22,8 +23,13 @@ from medtriad.models.encoders.base import Encoder, FeatureInfo, register_encoder
 class SegResNetEncoder(Encoder):
     """SegResNet's encoder: ``len(blocks_down)`` levels at strides 1, 2, 4, ... with ``init_filters * 2**i`` channels.
 
-    Features are the raw outputs of each stage (pre-activation blocks: no norm or activation after the last one), as
-    SegResNet's decoder reads them.
+    Its residual blocks are pre-activation (norm, act, conv, norm, act, conv, + skip), so nothing normalises a stage's
+    output: the maps grow with depth and with training (on BraTS after 3 epochs the deepest map's std was ~5000, and
+    the grade head's logits ~4000). SegResNet's own decoder copes (it normalises before its output conv); heads that
+    read the maps directly (attention pooling, the detection FPN) do not. With ``norm_features`` (default) every
+    returned map passes through group norm + ReLU, the final norm-act that pre-activation networks put before their
+    heads (timm's pre-act ResNet); ``norm_features: false`` returns the raw maps, as MONAI's SegResNet decoder reads them
+    (exactly MONAI's SegResNet together with ``SegResNetDecoder``; the single-task ``brats-segresnet`` recipe).
 
     Args:
         in_channels: image channels.
@@ -31,10 +37,11 @@ class SegResNetEncoder(Encoder):
         blocks_down: residual blocks per level, fine to coarse (MONAI's default 1-2-2-4).
         num_groups: groups of the group norm.
         dropout_prob: dropout after the initial conv (SegResNet's), None for none.
+        norm_features: group norm + ReLU on every returned map (see above).
     """
 
     def __init__(self, in_channels: int, init_filters: int = 16, blocks_down: Sequence[int] = (1, 2, 2, 4),
-                 num_groups: int = 8, dropout_prob: float | None = None):
+                 num_groups: int = 8, dropout_prob: float | None = None, norm_features: bool = True):
         super().__init__()
         if len(blocks_down) < 2 or min(blocks_down) < 1:
             raise ValueError(f"segresnet needs at least 2 levels of >= 1 block, got blocks_down={tuple(blocks_down)}")
@@ -50,13 +57,16 @@ class SegResNetEncoder(Encoder):
         self.down_layers = net.down_layers
         self.feature_info = [FeatureInfo(init_filters * 2**i, 2**i) for i in range(len(blocks_down))]
         self.size_divisible = self.feature_info[-1].stride
+        self.feature_norms = nn.ModuleList(
+            nn.Sequential(get_norm_layer(("GROUP", {"num_groups": num_groups}), 3, f.channels), nn.ReLU())
+            if norm_features else nn.Identity() for f in self.feature_info)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         x = self.dropout(self.convInit(x))
         features = []
-        for stage in self.down_layers:
+        for stage, norm in zip(self.down_layers, self.feature_norms):
             x = stage(x)
-            features.append(x)
+            features.append(norm(x))  # the next stage reads the raw map, as in SegResNet
         return features
 
     def last_shared_layer(self) -> nn.Module:
