@@ -65,8 +65,10 @@ def brats_model_spec(config: Config, encoder: str | None = None,
     """The multi-task spec a BraTS training run with ``config`` would build, without reading a dataset.
 
     Anchor shapes come from :func:`anchor_shapes_from_boxes` on one ``box_mm`` box at the config's spacing (the
-    number of anchors, hence every count, is the same as with shapes derived from real boxes).
+    number of anchors, hence every count, is the same as with shapes derived from real boxes). ``encoder`` overrides
+    the config's (:func:`config_with_encoder`).
     """
+    config = config_with_encoder(config, encoder)
     box_vox = np.asarray(box_mm, dtype=float) / np.asarray(config.data.spacing, dtype=float)
     detection = dict(config.model.detection)
     detection.setdefault("anchor_shapes", anchor_shapes_from_boxes(box_vox[None], config.data.patch_size))
@@ -74,11 +76,11 @@ def brats_model_spec(config: Config, encoder: str | None = None,
     detection.setdefault("nms_threshold", config.inference.nms_threshold)
     detection.setdefault("max_detections", config.inference.max_detections)
     return ModelSpec(
-        encoder=encoder or config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),
+        encoder=config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),
         heads=list(VARIANTS["multi"]), spacing=list(config.data.spacing),
-        encoder_kwargs=dict(config.model.encoder_kwargs) if encoder in (None, config.model.encoder) else {},
+        encoder_kwargs=dict(config.model.encoder_kwargs),
         regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),
-        segmentation=dict(config.model.segmentation) if encoder in (None, config.model.encoder) else {},
+        segmentation=dict(config.model.segmentation),
         detection=detection, classification_hidden=config.model.classification_hidden,
         classification_dropout=config.model.classification_dropout,
         radial_coordinate=config.model.radial_coordinate)

@@ -67,8 +67,8 @@ class ModelConfig:
         heads: subset of ``segmentation``, ``detection``, ``classification``.
         segmentation: segmentation head settings: ``decoder`` ``unet`` (default; ``decoder_channels``: one width per
             decoder level, fine to coarse; ``prior``; ``deep_supervision``: coarser decoder levels scored in training;
-            see SegmentationHead) or ``segresnet`` (MONAI SegResNet's decoder: ``blocks_up``, ``prior``; see
-            SegResNetDecoder).
+            see SegmentationHead) or ``segresnet`` (MONAI SegResNet's decoder: ``blocks_up``, ``num_groups``,
+            ``upsample_mode``, ``prior``; see SegResNetDecoder).
         detection: detection head settings (anchor shapes are derived from the training boxes when absent).
         classification_hidden: width of the attention-pooling MLP.
         classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``);
