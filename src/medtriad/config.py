@@ -173,6 +173,11 @@ class InferenceConfig:
             components are kept and the rest set to background (what MONAI's ``KeepLargestConnectedComponent`` does).
             ``None``: off. Removes stray false positives far from the lesion; a second, smaller true lesion goes
             with them unless N allows for it.
+        detection_gate: segmentation gated by detection, for models with both heads: every 26-connected foreground
+            component of the decoded label map (all labels together) that has no voxel inside a detected box scoring
+            at least this value is set to background; when no box reaches it, the top-scoring box serves (a case
+            with no box at all keeps its mask). Applied before ``largest_components``. Removes false positives far
+            from every detected lesion while keeping a second lesion the detector found. ``None``: off.
         precision: ``fp32`` (default), or ``bf16``: the encoder and heads run under bfloat16 autocast on CUDA and on
             CPUs with native bfloat16 instructions (float32 with a warning on other CPUs), probabilities and boxes
             cast back to float32; ``auto``: bfloat16 on CUDA only. See :mod:`medtriad.precision`.
@@ -187,6 +192,7 @@ class InferenceConfig:
     permute_axes: tuple[int, ...] = ()
     segmentation_threshold: float = 0.5
     largest_components: int | None = None
+    detection_gate: float | None = None
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -196,6 +202,9 @@ class InferenceConfig:
         n = self.largest_components
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"inference.largest_components must be a whole number >= 1 or null (off); got {n!r}")
+        gate = self.detection_gate
+        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1):
+            raise ValueError(f"inference.detection_gate must be a box score in [0, 1] or null (off); got {gate!r}")
         axes = list(self.mirror_axes)
         if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")

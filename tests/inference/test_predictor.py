@@ -9,10 +9,11 @@ import torch
 
 from medtriad.cli import main
 from medtriad.config import InferenceConfig
-from medtriad.data.boxes import voxel_box_to_world
+from medtriad.data.boxes import boxes_from_instances, instances_from_mask, voxel_box_to_world
 from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, pad_to, read_channels
-from medtriad.inference.predictor import Predictor, decode_labels, keep_largest_components, unflip_boxes, window_copies
+from medtriad.inference.predictor import (Predictor, decode_labels, gate_by_boxes, keep_largest_components, unflip_boxes,
+                                          window_copies)
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
@@ -133,6 +134,61 @@ def test_largest_components_setting_removes_a_far_false_positive():
     assert (cleaned[lesion] > 0).mean() > 0.9
     with pytest.raises(ValueError, match="largest_components"):
         InferenceConfig(largest_components=0)
+
+
+def test_gate_by_boxes_keeps_whole_components_touching_a_confident_box():
+    mask = np.zeros((12, 12, 12), np.uint8)
+    mask[1:5, 1:5, 1:5] = 2
+    mask[2:4, 2:4, 2:4] = 4  # one object with the edema around it
+    mask[8:11, 8:11, 8:11] = 1  # a second object
+    boxes = np.array([[3.2, 3.2, 3.2, 6.0, 6.0, 6.0],  # overlaps the first object's corner voxels 3..4
+                      [9.0, 9.0, 9.0, 10.0, 10.0, 10.0]], np.float32)  # the centre voxel of the second
+    first = gate_by_boxes(mask, boxes, np.array([0.9, 0.2], np.float32), 0.5)
+    np.testing.assert_array_equal(first[:6, :6, :6], mask[:6, :6, :6])  # kept whole, labels untouched
+    assert not first[6:].any()
+    np.testing.assert_array_equal(gate_by_boxes(mask, boxes, np.array([0.9, 0.6], np.float32), 0.5), mask)
+    second = gate_by_boxes(mask, boxes, np.array([0.1, 0.3], np.float32), 0.5)  # no box reaches 0.5: the top one
+    assert not second[:6, :6, :6].any() and (second[8:, 8:, 8:] == 1).sum() == 27
+    edge = np.array([[0.0, 0.0, 0.0, 1.4, 12.0, 12.0]], np.float32)  # holds only voxel centre x = 0.5
+    assert not gate_by_boxes(mask, edge, np.array([0.9], np.float32), 0.5).any()
+    np.testing.assert_array_equal(gate_by_boxes(mask, np.zeros((0, 6), np.float32), np.zeros(0, np.float32), 0.5),
+                                  mask)
+
+
+def test_detection_gate_setting_removes_segmentation_outside_confident_boxes():
+    """A fake detection head boxes every bright component of its window, the lesion (largest) with score 0.9 and a
+    far blob with 0.3: the gate at 0.5 drops the blob's mask and keeps the lesion's, at 0.2 keeps both."""
+    predictor = _blob_model()
+    seg = predictor.model.heads["segmentation"]
+
+    class Boxes(torch.nn.Module):
+        def forward(self, features, roi):
+            instances = instances_from_mask((seg.image[0, 0] > 1.0).numpy(), np.eye(4), 0.0)
+            boxes = torch.as_tensor(boxes_from_instances(instances))
+            sizes = torch.as_tensor(np.bincount(instances.ravel())[1:])
+            return [{"boxes": boxes, "labels_scores": torch.where(sizes == sizes.max(), 0.9, 0.3)}]
+
+    predictor.model.heads["detection"] = Boxes()
+    predictor.spec.heads = ["segmentation", "detection"]
+    image = _scan((40, 36, 28))
+    image[0, 28:31, 26:29, 20:23] = 4.0  # a small bright blob far from the lesion
+    image[1] = image[0] * 0.5
+    plain = predictor.predict(image, np.eye(4))
+    assert len(plain.scores) == 2 and plain.mask[29, 27, 21] > 0
+    predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.5)
+    gated = predictor.predict(image, np.eye(4)).mask
+    assert gated[29, 27, 21] == 0 and not gated[25:, 22:, 17:].any()  # the blob is gone ...
+    lesion = (slice(6, 14), slice(5, 12), slice(4, 10))
+    np.testing.assert_array_equal(gated[lesion], plain.mask[lesion])  # ... the lesion kept as it was
+    assert (gated[lesion] > 0).mean() > 0.9
+    predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.2)
+    np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, plain.mask)
+    predictor.spec.heads = ["segmentation"]
+    with pytest.raises(ValueError, match="needs a detection head"):
+        predictor.predict(image, np.eye(4))
+    for bad in (1.5, -0.1, True, "high"):
+        with pytest.raises(ValueError, match="detection_gate"):
+            InferenceConfig(detection_gate=bad)
 
 
 def test_geometry_model_grid_maps_to_world_like_the_input():

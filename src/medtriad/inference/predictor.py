@@ -261,8 +261,6 @@ class Predictor:
             probs = geometry.from_canonical(resample(grid.region_probs, canon_shape, "trilinear").numpy())
             pred.mask = decode_labels(probs, self.spec.regions, self.spec.labels,
                                       self.inference.segmentation_threshold)
-            if self.inference.largest_components:
-                pred.mask = keep_largest_components(pred.mask, self.inference.largest_components)
         for task, heatmap in grid.heatmaps.items():
             pred.heatmaps[task] = geometry.from_canonical(resample(heatmap[None], canon_shape, "trilinear").numpy())[0]
         keep = grid.scores >= self.inference.score_threshold
@@ -271,6 +269,14 @@ class Predictor:
         pred.boxes_voxel = np.array([world_box_to_voxel(b, geometry.affine) for b in pred.boxes_world],
                                     dtype=np.float32).reshape(-1, 6)
         pred.scores = grid.scores[keep].numpy().astype(np.float32)
+        if pred.mask is not None:
+            if self.inference.detection_gate is not None:
+                if "detection" not in self.spec.heads:
+                    raise ValueError(f"inference.detection_gate needs a detection head; this model has "
+                                     f"{list(self.spec.heads)}")
+                pred.mask = gate_by_boxes(pred.mask, pred.boxes_voxel, pred.scores, self.inference.detection_gate)
+            if self.inference.largest_components:
+                pred.mask = keep_largest_components(pred.mask, self.inference.largest_components)
         for task, p in grid.class_probs.items():
             info = self.spec.tasks[task]
             values = p.numpy().tolist()
@@ -374,3 +380,21 @@ def keep_largest_components(mask: np.ndarray, n: int = 1) -> np.ndarray:
     kept = np.zeros(count + 1, dtype=bool)
     kept[1 + np.argsort(-sizes, kind="stable")[:n]] = True
     return np.where(kept[components], mask, 0).astype(mask.dtype, copy=False)
+
+
+def gate_by_boxes(mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, min_score: float) -> np.ndarray:
+    """``mask`` (X, Y, Z) label map with every 26-connected foreground component (all labels together) that has no
+    voxel centre inside one of the (N, 6) half-open xyzxyz voxel ``boxes`` scoring at least ``min_score`` set to 0;
+    when no box reaches ``min_score`` the top-scoring box serves, and without boxes the mask is returned as it is.
+    Labels inside kept components are untouched."""
+    if not len(boxes) or not mask.any():
+        return mask
+    chosen = boxes[scores >= min_score] if (scores >= min_score).any() else boxes[[int(np.argmax(scores))]]
+    inside = np.zeros(mask.shape, dtype=bool)
+    for box in chosen:  # voxel i (centre i + 0.5) lies in [lo, hi) when lo <= i + 0.5 <= hi
+        lo = np.clip(np.ceil(box[:3] - 0.5), 0, mask.shape).astype(int)
+        hi = np.clip(np.floor(box[3:] - 0.5) + 1, 0, mask.shape).astype(int)
+        inside[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    components = instances_from_mask(mask != 0, np.eye(4), 0.0)
+    kept = np.unique(components[inside & (components > 0)])
+    return np.where(np.isin(components, kept), mask, 0).astype(mask.dtype, copy=False)
