@@ -183,9 +183,9 @@ def test_detection_gate_setting_removes_segmentation_outside_confident_boxes():
     assert (gated[lesion] > 0).mean() > 0.9
     predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.2)
     np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, plain.mask)
-    predictor.spec.heads = ["segmentation"]
-    with pytest.raises(ValueError, match="needs a detection head"):
-        predictor.predict(image, np.eye(4))
+    predictor.spec.heads = ["segmentation"]  # a segmentation-only model ignores the gate
+    predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.5)
+    np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, plain.mask)
     for bad in (1.5, -0.1, True, "high"):
         with pytest.raises(ValueError, match="detection_gate"):
             InferenceConfig(detection_gate=bad)

@@ -270,10 +270,7 @@ class Predictor:
                                     dtype=np.float32).reshape(-1, 6)
         pred.scores = grid.scores[keep].numpy().astype(np.float32)
         if pred.mask is not None:
-            if self.inference.detection_gate is not None:
-                if "detection" not in self.spec.heads:
-                    raise ValueError(f"inference.detection_gate needs a detection head; this model has "
-                                     f"{list(self.spec.heads)}")
+            if self.inference.detection_gate is not None and "detection" in self.spec.heads:  # else: no gate
                 pred.mask = gate_by_boxes(pred.mask, pred.boxes_voxel, pred.scores, self.inference.detection_gate)
             if self.inference.largest_components:
                 pred.mask = keep_largest_components(pred.mask, self.inference.largest_components)
