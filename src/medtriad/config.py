@@ -176,9 +176,9 @@ class InferenceConfig:
         detection_gate: segmentation gated by detection, for models with both heads: every 26-connected foreground
             component of the decoded label map (all labels together) that has no voxel inside a detected box scoring
             at least this value is set to background; when no box reaches it, the top-scoring box serves (a case
-            with no box at all keeps its mask). Applied before ``largest_components``; ignored by models without a detection head (a recipe's
-            single-task variants). Removes false positives far
-            from every detected lesion while keeping a second lesion the detector found. ``None``: off.
+            with no box at all keeps its mask). Applied before ``largest_components``; ignored by models without a
+            detection head (a recipe's single-task variants). Removes false positives far from every detected lesion
+            while keeping a second lesion the detector found. ``None``: off.
         precision: ``fp32`` (default), or ``bf16``: the encoder and heads run under bfloat16 autocast on CUDA and on
             CPUs with native bfloat16 instructions (float32 with a warning on other CPUs), probabilities and boxes
             cast back to float32; ``auto``: bfloat16 on CUDA only. See :mod:`medtriad.precision`.

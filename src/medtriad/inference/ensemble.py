@@ -7,7 +7,7 @@ model are, and each kept box is scored as the mean over members of that member's
 by the NMS threshold (0 for a member that found nothing there): a box only one of N members found keeps 1/N of its
 score, so adding members does not add their false positives at full confidence (the fusion idea of weighted box
 fusion, with the winning box's coordinates kept). The first run's settings decide what happens after that (NMS
-threshold and maximum detections, segmentation threshold, largest components, score threshold).
+threshold and maximum detections, segmentation threshold, detection gate, largest components, score threshold).
 
 Members must agree on what goes in and what comes out: channels, spacing, normalisation, heads, regions, labels and
 tasks. Their encoders and recipes may differ (a ``swin`` run beside a ``resenc`` run, runs of several seeds or folds).

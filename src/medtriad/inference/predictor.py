@@ -386,7 +386,8 @@ def gate_by_boxes(mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, min_s
     Labels inside kept components are untouched."""
     if not len(boxes) or not mask.any():
         return mask
-    chosen = boxes[scores >= min_score] if (scores >= min_score).any() else boxes[[int(np.argmax(scores))]]
+    confident = scores >= min_score
+    chosen = boxes[confident] if confident.any() else boxes[[int(np.argmax(scores))]]
     inside = np.zeros(mask.shape, dtype=bool)
     for box in chosen:  # voxel i (centre i + 0.5) lies in [lo, hi) when lo <= i + 0.5 <= hi
         lo = np.clip(np.ceil(box[:3] - 0.5), 0, mask.shape).astype(int)
