@@ -4,38 +4,49 @@
 # train for 60 minutes each on the same fold of the shared BraTS sample, side by side with one thread each (the same
 # conditions for both), then both are evaluated on the fold's 2 held-out cases with their final weights, as predicted
 # by default and with test-time mirroring (8 passes).
-# Usage: bash benchmarks/brats_vs_segresnet.sh WORKDIR FOLD ['KEY=VALUE ...']
+# Usage: bash benchmarks/brats_vs_segresnet.sh WORKDIR FOLD ['KEY=VALUE ...'] [seg-only]
 #   results in WORKDIR/ref-foldFOLD/{A,R}/{evaluation_val_last,eval_mirrored}/summary.json and a table on stdout.
 #   With overrides (no spaces inside one KEY=VALUE) the brats-cpu arm trains with them and is named B instead of A,
 #   e.g. 'model.heads=[segmentation] training.loss_weights={"segmentation":1.0}' (its single-task variant, issue 5).
+#   With a fourth argument `seg-only` the second arm is brats-cpu's own single-task segmentation variant (arm S: the
+#   same encoder, decoder and settings, one head) instead of the SegResNet reference, in WORKDIR/seg-foldFOLD (issue 5:
+#   multi-task against single-task at the recipe's full budget), e.g. bash benchmarks/brats_vs_segresnet.sh W 0 '' seg-only
 set -euo pipefail
 work=${1:?WORKDIR}
 fold=${2:?FOLD}
 sets=${3-}
 data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
 [ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
-out="$work/ref-fold$fold"
+ref=R
+recipe_r=brats-segresnet
+ref_sets=()
+if [ "${4-}" = seg-only ]; then
+  ref=S
+  recipe_r=brats-cpu
+  ref_sets=(--set "model.heads=[segmentation]" --set 'training.loss_weights={"segmentation":1.0}')
+fi
+out="$work/$([ $ref = S ] && echo seg || echo ref)-fold$fold"
 mkdir -p "$out"
 extra=()
 read -ra kvs <<< "$sets"  # split on spaces, no glob expansion of [..] values
 for kv in ${kvs[@]+"${kvs[@]}"}; do extra+=(--set "$kv"); done
 multi=A
 [ -z "$sets" ] || multi=B
-declare -A recipe=([$multi]=brats-cpu [R]=brats-segresnet)
-for arm in $multi R; do
-  more=()
-  [ "$arm" = R ] || more=(${extra[@]+"${extra[@]}"})
+declare -A recipe=([$multi]=brats-cpu [$ref]=$recipe_r)
+for arm in $multi $ref; do
+  more=(${ref_sets[@]+"${ref_sets[@]}"})
+  [ "$arm" = $ref ] || more=(${extra[@]+"${extra[@]}"})
   OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c "${recipe[$arm]}" -o "$out/$arm" --fold "$fold" -q \
       --set training.validate_every=1000 --set training.num_threads=1 ${more[@]+"${more[@]}"} > "$out/$arm.log" 2>&1 &
 done
 wait
-for arm in $multi R; do
+for arm in $multi $ref; do
   ( OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q > /dev/null
     OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q \
         --set "inference.mirror_axes=[0,1,2]" -o "$out/$arm/eval_mirrored" > /dev/null ) &
 done
 wait
-python - "$out" $multi R <<'PY'
+python - "$out" $multi $ref <<'PY'
 import json, sys
 for arm in sys.argv[2:]:
     steps = json.load(open(f"{sys.argv[1]}/{arm}/history.json"))[-1]["step"]
