@@ -20,12 +20,13 @@ data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_Br
 ref=R
 recipe_r=brats-segresnet
 ref_sets=()
+out="$work/ref-fold$fold"
 if [ "${4-}" = seg-only ]; then
   ref=S
   recipe_r=brats-cpu
   ref_sets=(--set "model.heads=[segmentation]" --set 'training.loss_weights={"segmentation":1.0}')
+  out="$work/seg-fold$fold"
 fi
-out="$work/$([ $ref = S ] && echo seg || echo ref)-fold$fold"
 mkdir -p "$out"
 extra=()
 read -ra kvs <<< "$sets"  # split on spaces, no glob expansion of [..] values

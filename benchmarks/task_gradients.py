@@ -4,7 +4,7 @@ For a run folder (its resolved ``config.yaml``, fold and dataset) the script dra
 trainer does, and for each task takes the gradient of ``weight * loss`` with respect to every trainable encoder
 parameter. It prints, averaged over the batches, each task's gradient norm and its cosine with the segmentation
 gradient, and the cosine between the summed gradient (what the encoder follows) and segmentation's: first at the
-run's initial weights (the config's seed), then at its ``last`` checkpoint. With AdamW the heads' own updates do not
+run's initial weights (seeded as the trainer seeds), then at its ``last`` checkpoint. With AdamW the heads' own updates do not
 depend on a loss weight's scale; the weights only set the mix the shared encoder sees, which is what this measures.
 
 Usage: python benchmarks/task_gradients.py RUN_DIR DATASET [--batches 8] [--checkpoint last]
@@ -14,35 +14,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import tempfile
 
+import numpy as np
 import torch
 
 from medtriad.checkpoint import load_weights, resolve_checkpoint
 from medtriad.config import Config
 from medtriad.models.multitask import load_model_weights
-from medtriad.training.trainer import Trainer
+from medtriad.training.trainer import Trainer, _owned_by
 
 
 def task_gradients(trainer: Trainer, batches: int) -> dict[str, tuple[float, float]]:
     """{task: (mean weighted gradient norm on the encoder, mean cosine with segmentation's)}, plus "sum"."""
-    weights = trainer.config.training.loss_weights or {}
+    weights = trainer.balancer.weights()  # the weights training applies (fixed, or learned up to the checkpoint)
     params = [p for p in trainer.model.encoder.parameters() if p.requires_grad]
     trainer.model.train()
-    stats: dict[str, list[float]] = {}
+    samples: dict[str, list[tuple[float, float]]] = {}
     for i in range(batches):
-        losses, _ = trainer._losses(trainer._batch(10_000 + i))  # steps the run itself did not draw
+        # patches from step numbers far past a 60-minute run's ~900 steps: batches the run did not train on
+        losses, _ = trainer._losses(trainer._batch(10_000 + i))
         grads = {}
         for task, loss in losses.items():
-            found = torch.autograd.grad(weights.get(task, 1.0) * loss, params, retain_graph=True, allow_unused=True)
+            found = torch.autograd.grad(weights[task] * loss, params, retain_graph=True, allow_unused=True)
             grads[task] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                      for g, p in zip(found, params)])
         grads["sum"] = sum(grads.values())
         for task, g in grads.items():
             cos = torch.nn.functional.cosine_similarity(g, grads["segmentation"], dim=0).item()
-            norm, mean_cos = stats.setdefault(task, [0.0, 0.0])
-            stats[task] = [norm + g.norm().item() / batches, mean_cos + cos / batches]
-    return {task: (norm, cos) for task, (norm, cos) in stats.items()}
+            samples.setdefault(task, []).append((g.norm().item(), cos))
+    return {task: (statistics.fmean(n for n, _ in rows), statistics.fmean(c for _, c in rows))
+            for task, rows in samples.items()}
 
 
 def main() -> None:
@@ -57,10 +61,14 @@ def main() -> None:
         fold = json.load(f)["fold"]
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(args.dataset, config, scratch, fold=fold, progress=False)
+        torch.manual_seed(config.training.seed)  # seeded as Trainer.fit seeds: the run's own initial weights
+        np.random.seed(config.training.seed)
+        random.seed(config.training.seed)
         trainer._prepare()
         rows = [("initial weights", task_gradients(trainer, args.batches))]
         weights = load_weights(resolve_checkpoint(f"{args.run_dir}/checkpoints/{args.checkpoint}"))
         load_model_weights(trainer.model, weights)
+        trainer.balancer.load_state_dict(_owned_by("balancer.", weights))
         rows.append((f"checkpoint {args.checkpoint}", task_gradients(trainer, args.batches)))
     print(f"| weights ({args.batches} batches, fold {fold}) | task | weighted gradient norm | cosine with segmentation |")
     print("|---|---|---:|---:|")

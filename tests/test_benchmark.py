@@ -167,9 +167,7 @@ def test_single_task_configs_keep_only_their_own_loss_weights():
     config = Config.load("brats-cpu")  # fixed weights for segmentation, detection and class:grade
     weights = {name: variant_config(config, heads).training.loss_weights for name, heads in VARIANTS.items()}
     assert weights["multi"] == config.training.loss_weights
-    own = config.training.loss_weights
-    assert set(own) == {"segmentation", "detection", "class:grade"}
-    assert weights["seg"] == {"segmentation": own["segmentation"]} and weights["det"] == {"detection": own["detection"]}
-    assert weights["cls"] == {"class:grade": own["class:grade"]}
+    assert weights["seg"] == {"segmentation": 1.0} and weights["det"] == {"detection": 0.1}
+    assert weights["cls"] == {"class:grade": 0.02}
     assert variant_config(config, ["detection"]).model.heads == ("detection",)
     assert config.model.heads == ("segmentation", "detection", "classification")  # the original is untouched
