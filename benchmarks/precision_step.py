@@ -19,6 +19,7 @@ import torch
 
 from medtriad.benchmark import brats_model_spec
 from medtriad.config import Config
+from medtriad.models.memory_format import channels_last_for_training
 from medtriad.models.multitask import ModelSpec, build_model
 from medtriad.precision import autocast, cpu_has_native_bf16
 
@@ -71,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}; native bfloat16 on this CPU: {cpu_has_native_bf16()}")
     for name, (model, x, kwargs) in _models().items():
-        model = model.to(memory_format=torch.channels_last_3d)  # as the trainer holds it
+        model = channels_last_for_training(model, torch.device("cpu"))  # as the trainer holds it
         x = x.contiguous(memory_format=torch.channels_last_3d)
         fp32 = _step_s(model, x, kwargs, None, args.repeats)
         bf16 = _step_s(model, x, kwargs, torch.bfloat16, args.repeats)

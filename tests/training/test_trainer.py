@@ -12,6 +12,8 @@ from medtriad.checkpoint import load_state, load_weights
 from medtriad.cli import main
 from medtriad.config import Config
 from medtriad.data.layout import load_dataset
+from medtriad.models.memory_format import InstanceNormAsGroupNorm
+from medtriad.models.multitask import ModelSpec, build_model, load_model_weights
 from medtriad.training.trainer import DatasetInvalidError, Trainer, stratified_folds, train
 
 TINY = {"training.epochs": 2, "training.iterations_per_epoch": 2, "training.warmup_iterations": 1}
@@ -175,6 +177,23 @@ def test_deep_supervision_trains_and_leaves_inference_alone(synth_dataset, tmp_p
         assert "segmentation_deep" not in model.eval()(batch["image"])
     weights = load_weights(tmp_path / "run" / "checkpoints" / "last")
     assert sum(k.startswith("heads.segmentation.deep_outs.") for k in weights) == 4  # 2 levels x (weight, bias)
+
+
+def test_cpu_training_norms_keep_channels_last_and_checkpoints_load_into_the_built_model(synth_dataset, tmp_path):
+    """On the CPU the trainer's instance norms are group norms (medtriad.models.memory_format); the checkpoint it
+    writes loads into the model as built for inference (InstanceNorm3d), which predicts the same."""
+    config = Config.load("tiny", {**TINY, "training.epochs": 1})
+    trainer = Trainer(synth_dataset, config, tmp_path / "run", progress=False)
+    trainer.fit()
+    assert any(isinstance(m, InstanceNormAsGroupNorm) for m in trainer.model.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in trainer.model.modules())
+    built = build_model(ModelSpec.load(tmp_path / "run" / "model.json"))
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in built.modules())
+    load_model_weights(built, load_weights(tmp_path / "run" / "checkpoints" / "last"))
+    image = trainer._batch(0)["image"]
+    with torch.no_grad():
+        expected, found = built.eval()(image.contiguous()), trainer.model.eval()(image)
+    torch.testing.assert_close(found["segmentation"], expected["segmentation"], atol=1e-4, rtol=1e-4)
 
 
 def test_stratified_folds_balance_classes(synth_dataset):
