@@ -19,9 +19,10 @@ import time
 
 import torch
 
+from medtriad.benchmark import brats_model_spec, variant_specs
 from medtriad.config import Config
-from medtriad.models.memory_format import swap_instance_norms
-from medtriad.models.multitask import ModelSpec, build_model
+from medtriad.models.memory_format import channels_last_for_training
+from medtriad.models.multitask import build_model
 
 
 def _step_times(models: dict[str, torch.nn.Module], batch: torch.Tensor, target: torch.Tensor,
@@ -50,14 +51,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = Config.load("brats-cpu")
-    spec = ModelSpec(encoder=recipe.model.encoder, in_channels=4, channel_names=["t1", "t1ce", "t2", "flair"],
-                     heads=["segmentation"], spacing=list(recipe.data.spacing),
-                     encoder_kwargs=dict(recipe.model.encoder_kwargs), segmentation=dict(recipe.model.segmentation),
-                     regions={"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]})
+    spec = variant_specs(brats_model_spec(recipe))["seg"]  # the segmentation-only brats-cpu model
     torch.manual_seed(0)
     channels_last = torch.channels_last_3d
-    instance = build_model(spec).to(memory_format=channels_last)
-    group = swap_instance_norms(copy.deepcopy(instance)).to(memory_format=channels_last)
+    instance = build_model(spec).to(memory_format=channels_last)  # as the trainer held it before
+    group = channels_last_for_training(copy.deepcopy(instance), torch.device("cpu"))  # as the trainer holds it now
     batch = torch.randn(recipe.training.batch_size, 4, *recipe.data.patch_size).contiguous(memory_format=channels_last)
     target = (torch.rand(recipe.training.batch_size, 3, *recipe.data.patch_size) > 0.9).float()
     with torch.no_grad():
