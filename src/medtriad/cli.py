@@ -6,6 +6,7 @@
     medtriad check DATASET               integrity check, every problem named with case and file
     medtriad train DATASET -c CONFIG -o RUN [--fold K] [--resume]
     medtriad evaluate RUN [RUN...] DATASET [--split val|all|test] [-o OUT]     several runs: their ensemble
+    medtriad evaluate RUN_FOLD0 RUN_FOLD1 ... DATASET --cross-validation -o OUT    out-of-fold metrics over all folds
     medtriad predict -m RUN [RUN...] -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
     medtriad demo [--out DIR] [--minutes M] [--quick]
@@ -111,9 +112,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if (Path(args.dataset) / "model.json").is_file():
         raise ValueError(f"{args.dataset} is a run folder: the last folder before the options must be the dataset "
                          f"(medtriad evaluate RUN [RUN ...] DATASET [options])")
-    out, summary = evaluate_run([Path(r) for r in args.run], Path(args.dataset), split=args.split,
-                                device=args.device, output=args.output, checkpoint=args.checkpoint,
-                                progress=not args.quiet, inference=_inference_overrides(args.set))
+    runs = [Path(r) for r in args.run]
+    if args.cross_validation:
+        from medtriad.evaluation.run import evaluate_cross_validation
+
+        if args.split != "val":
+            raise ValueError(f"--cross-validation scores each run on its own validation cases; --split {args.split} "
+                             f"does not apply (score an ensemble of the runs on it instead: no --cross-validation)")
+        if args.output is None:
+            raise ValueError("--cross-validation needs an output folder (-o): nothing is written into a fold's run folder")
+        out, summary = evaluate_cross_validation(runs, Path(args.dataset), args.output, device=args.device,
+                                                 checkpoint=args.checkpoint, progress=not args.quiet,
+                                                 inference=_inference_overrides(args.set))
+    else:
+        out, summary = evaluate_run(runs, Path(args.dataset), split=args.split, device=args.device,
+                                    output=args.output, checkpoint=args.checkpoint, progress=not args.quiet,
+                                    inference=_inference_overrides(args.set))
     print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str)[:4000])
     print(f"per-case metrics and summary written to {out}")
     return 0
@@ -216,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best: the epoch with the best validation score; last: the final weights")
     p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json (default "
                    "RUN/evaluation_<split>[_last])")
+    p.add_argument("--cross-validation", action="store_true", help="the runs are folds of one cross-validation: "
+                   "each predicts only its own validation cases and the metrics are computed over all of them "
+                   "together (out-of-fold AUC and AP over every held-out case); needs -o")
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="override an inference setting of the run, e.g. inference.mirror_axes=[]")

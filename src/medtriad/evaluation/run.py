@@ -1,5 +1,5 @@
 """``medtriad evaluate``: score a run's best checkpoint (or an ensemble of runs) on its validation fold, a split of the
-dataset, or every case."""
+dataset, or every case; or score the folds of a cross-validation together, each on its own held-out cases."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from tqdm import tqdm
 
 from medtriad.data.layout import Case, load_dataset, read_splits
 from medtriad.data.transforms import load_sample
-from medtriad.evaluation.evaluate import evaluate_samples, write_results
-from medtriad.inference.ensemble import EnsemblePredictor, run_folders
+from medtriad.evaluation.evaluate import evaluate_samples, score_case, summarize_scores, write_results
+from medtriad.inference.ensemble import EnsemblePredictor, check_specs_agree, run_folders
+from medtriad.inference.predictor import Predictor
+from medtriad.models.multitask import ModelSpec
+
+# what the folds of one cross-validation must share for their held-out cases to be scored as one set (their grids,
+# channels and encoders may differ: each fold reads its cases as it was trained to)
+CROSS_VALIDATION_FIELDS = ("heads", "regions", "labels", "tasks")
 
 
 def split_cases(run: str | Path | Sequence[str | Path], cases: list[Case], split: str,
@@ -74,5 +80,74 @@ def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: s
                for c in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress))
     rows, summary, _ = evaluate_samples(predictor, samples)
     out = Path(output) if output else runs[0] / (f"evaluation_{split}" + ("_last" if checkpoint == "last" else ""))
+    write_results(out, rows, summary)
+    return out, summary
+
+
+def cross_validation_folds(runs: Sequence[str | Path], cases: list[Case]) -> list[list[Case]]:
+    """Each run's own validation cases (its ``split.json``), checked to be a cross-validation: at least two runs,
+    no case held out by two of them (it would be counted twice), every case in the dataset."""
+    runs = run_folders(runs)
+    if len(runs) < 2:
+        raise ValueError(f"a cross-validation needs the runs of at least two folds, got {len(runs)}")
+    by_id = {c.case_id: c for c in cases}
+    owner: dict[str, Path] = {}
+    folds = []
+    for folder in runs:
+        split_file = folder / "split.json"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{split_file} not found: a cross-validation scores each run on the validation "
+                                    f"cases its split.json names")
+        val = json.loads(split_file.read_text())["val"]
+        missing = sorted(set(val) - set(by_id))
+        if missing:
+            raise ValueError(f"validation cases {missing} of {split_file} are not in this dataset")
+        twice = sorted(c for c in val if c in owner)
+        if twice:
+            raise ValueError(f"{folder} and {owner[twice[0]]} both hold out {twice}: the runs of a cross-validation "
+                             f"must validate on disjoint cases (different folds of one split)")
+        owner.update((c, folder) for c in val)
+        folds.append([by_id[c] for c in sorted(val)])
+    return folds
+
+
+def evaluate_cross_validation(runs: Sequence[str | Path], dataset: Path, output: str | Path, device: str | None = None,
+                              checkpoint: str = "best", progress: bool = True,
+                              inference: dict | None = None) -> tuple[Path, dict[str, Any]]:
+    """nnU-Net's cross-validation summary: each run (one fold) predicts only the cases it held out, and the metrics
+    are computed once over all of them (out-of-fold), so that the AUC ranks every case against every other and
+    detection AP pools every box, instead of averaging per-fold figures over two cases each.
+
+    Writes ``per_case.csv`` (a ``fold`` column: the run's fold from its ``split.json``, else its position) and
+    ``summary.json`` (plus ``cross_validation``: the runs, their folds and case counts, and the dataset cases no
+    run held out) to ``output``.
+    """
+    runs = run_folders(runs)
+    spec, cases = load_dataset(dataset)
+    folds = cross_validation_folds(runs, cases)
+    missing = [str(r / "model.json") for r in runs if not (r / "model.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} not found: a cross-validation takes run folders")
+    specs = [ModelSpec.load(r / "model.json") for r in runs]
+    check_specs_agree(specs, [str(r) for r in runs], CROSS_VALIDATION_FIELDS, "the folds of a cross-validation")
+    scores, fold_ids = [], []
+    bar = tqdm(total=sum(map(len, folds)), desc="cross-validation", unit="case", disable=not progress)
+    for folder, fold_cases in zip(runs, folds):
+        predictor = Predictor.from_pretrained(folder, device=device, checkpoint=checkpoint, inference=inference)
+        fold = json.loads((folder / "split.json").read_text()).get("fold", len(fold_ids))
+        fold_ids.append(fold)
+        for case in fold_cases:
+            sample = load_sample(case, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)
+            score, _ = score_case(predictor, sample)
+            score.row = {"case": score.row["case"], "fold": fold, **{k: v for k, v in score.row.items() if k != "case"}}
+            scores.append(score)
+            bar.update()
+    bar.close()
+    rows, summary = summarize_scores(scores, specs[0])
+    held_out = {c.case_id for fold_cases in folds for c in fold_cases}
+    summary["cross_validation"] = {
+        "runs": [str(r) for r in runs], "folds": fold_ids, "cases_per_fold": [len(f) for f in folds],
+        "checkpoint": checkpoint, "cases_not_held_out": sorted(c.case_id for c in cases if c.case_id not in held_out)}
+    out = Path(output)
     write_results(out, rows, summary)
     return out, summary

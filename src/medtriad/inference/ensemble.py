@@ -38,6 +38,16 @@ def _comparable(spec, key: str):
     return list(value.items()) if key == "regions" else sorted(value) if key == "heads" else value
 
 
+def check_specs_agree(specs: Sequence, names: Sequence[str], fields: Sequence[str], who: str) -> None:
+    """Raise a ValueError naming the first model whose ``fields`` differ from the first model's (``who`` must share
+    them: "the members of an ensemble", "the folds of a cross-validation")."""
+    for name, spec in zip(names[1:], specs[1:]):
+        for key in fields:
+            if _comparable(spec, key) != _comparable(specs[0], key):
+                raise ValueError(f"{name}: model {key} {getattr(spec, key)} differs from {getattr(specs[0], key)} of "
+                                 f"{names[0]}; {who} must share {', '.join(fields)}")
+
+
 class EnsemblePredictor(Predictor):
     """Averages the predictions of several :class:`Predictor` s; used wherever a ``Predictor`` is.
 
@@ -52,12 +62,7 @@ class EnsemblePredictor(Predictor):
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
         names = list(names) if names is not None else [f"member {i}" for i in range(len(members))]
         first = members[0]
-        for name, member in zip(names[1:], members[1:]):
-            for key in SHARED_SPEC_FIELDS:
-                if _comparable(member.spec, key) != _comparable(first.spec, key):
-                    raise ValueError(f"{name}: model {key} {getattr(member.spec, key)} differs from "
-                                     f"{getattr(first.spec, key)} of {names[0]}; the members of an ensemble must "
-                                     f"share {', '.join(SHARED_SPEC_FIELDS)}")
+        check_specs_agree([m.spec for m in members], names, SHARED_SPEC_FIELDS, "the members of an ensemble")
         self.members = list(members)
         self.names = names
         self.device, self.model, self.spec = first.device, first.model, first.spec
