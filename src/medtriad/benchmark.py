@@ -40,7 +40,7 @@ from medtriad.config import Config
 from medtriad.evaluation.evaluate import headline_metrics
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
-from medtriad.models.multitask import ModelSpec, MultiTaskModel
+from medtriad.models.multitask import ModelSpec, MultiTaskModel, check_input_size
 
 #: row name -> heads; "multi" first, then one single-task model per head
 VARIANTS: dict[str, list[str]] = {
@@ -230,16 +230,6 @@ def measure_cpu_memory(spec: ModelSpec, input_size: Sequence[int], threads: int 
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement child failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def check_input_size(model: MultiTaskModel, input_size: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless ``input_size`` is 3 multiples of the encoder's divisor, not all equal to it."""
-    div = model.size_divisible
-    if len(input_size) != 3 or any(s % div for s in input_size):
-        raise ValueError(f"input size must be 3 multiples of {div} (the {model.spec.encoder} encoder's divisor), "
-                         f"got {tuple(input_size)}")
-    if all(s == div for s in input_size):  # instance norm needs more than one voxel in the deepest map
-        raise ValueError(f"input size {tuple(input_size)} leaves the deepest map 1 voxel; make one side {2 * div}")
 
 
 def measure_model(spec: ModelSpec, input_size: Sequence[int], devices: Sequence[str] = ("cpu",), warmup: int = 2,

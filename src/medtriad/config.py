@@ -25,7 +25,8 @@ class DataConfig:
 
     Args:
         spacing: target voxel spacing in mm (x, y, z); every case is resampled to it.
-        patch_size: training patch in voxels of the target grid; must be a multiple of the encoder's size_divisible.
+        patch_size: training patch in voxels of the target grid; must be a multiple of the encoder's size_divisible
+            and leave the deepest map more than one voxel (the trainer checks both before the first step).
         foreground_ratio: share of patches centred on tumour (label > 0); the rest are centred anywhere.
         min_patch_box_voxels: a box cut by the patch border is kept while at least this many of its voxels remain.
         normalization: per-channel intensity normalisation, ``nonzero`` (z-score on non-zero voxels: skull-stripped

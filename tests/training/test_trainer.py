@@ -151,6 +151,17 @@ def test_training_refuses_invalid_dataset(synth_dataset, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("patch, message", [
+    ([24, 32, 32], r"data.patch_size must be 3 multiples of 16 \(the resenc encoder's divisor\), got \(24, 32, 32\)"),
+    ([16, 16, 16], r"data.patch_size \(16, 16, 16\) leaves the deepest map 1 voxel; make one side 32"),
+])
+def test_patch_size_the_encoder_cannot_take_is_refused_before_training(synth_dataset, tmp_path, patch, message):
+    config = Config.load("tiny", {**TINY, "data.patch_size": patch})
+    with pytest.raises(ValueError, match=message):
+        train(synth_dataset, config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_single_task_is_the_same_builder(synth_dataset, tmp_path):
     config = Config.load("tiny", {**TINY, "training.epochs": 1, "model.heads": ["classification"]})
     result = train(synth_dataset, config, tmp_path / "run", progress=False)

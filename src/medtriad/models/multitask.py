@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,19 @@ def model_weights(model: nn.Module) -> dict[str, Tensor]:
     backbone (kept once, in its own file)."""
     trainable = getattr(model, "trainable_state_dict", None)
     return trainable() if trainable is not None else dict(model.state_dict())
+
+
+def check_input_size(model: nn.Module, input_size: Sequence[int], what: str = "input size") -> None:
+    """Raise ``ValueError`` unless ``input_size`` is 3 multiples of the model's ``size_divisible``, not all equal to
+    it (the deepest map would be 1 voxel, where instance norm has no statistics to take). ``what`` names the size
+    in the message (``"data.patch_size"`` for the trainer)."""
+    div = model.size_divisible
+    encoder = getattr(getattr(model, "spec", None), "encoder", type(model).__name__)
+    if len(input_size) != 3 or any(s % div for s in input_size):
+        raise ValueError(f"{what} must be 3 multiples of {div} (the {encoder} encoder's divisor), "
+                         f"got {tuple(input_size)}")
+    if all(s == div for s in input_size):
+        raise ValueError(f"{what} {tuple(input_size)} leaves the deepest map 1 voxel; make one side {2 * div}")
 
 
 def load_model_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:

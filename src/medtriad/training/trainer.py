@@ -60,7 +60,7 @@ from medtriad.models.heads.detection import anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
 from medtriad.models.encoders.slice2d import save_hf_vit
 from medtriad.models.memory_format import channels_last_for_training
-from medtriad.models.multitask import ModelSpec, build_model, load_model_weights, model_weights
+from medtriad.models.multitask import ModelSpec, build_model, check_input_size, load_model_weights, model_weights
 from medtriad.precision import autocast, autocast_dtype
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
 from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
@@ -158,6 +158,7 @@ class Trainer:
                       "train": sorted(set(by_id) - val_ids), "val": sorted(val_ids)}
         self.model_spec = self._model_spec()
         self.model = build_model(self.model_spec, self.run_dir).to(self.device)
+        check_input_size(self.model, cfg.data.patch_size, "data.patch_size")
         if isinstance(self.model, PluginModel):
             self._keep_backbone()
         else:  # channels-last 3D memory (faster oneDNN convolutions); on the CPU, instance norms as equal group norms
