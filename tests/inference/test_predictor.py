@@ -390,3 +390,26 @@ def test_predict_command_shards_skips_and_survives_a_corrupt_case(trained_run, s
 def spec_channel_names(data):
     spec, _ = load_dataset(data)
     return [spec.channel_names[i] for i in sorted(spec.channel_names)]
+
+
+def test_cpu_predictor_holds_the_model_channels_last_with_group_norms_and_predicts_as_built():
+    """On the CPU the predictor holds a model as the trainer does (models/memory_format.py); its outputs are those
+    of the model as built (contiguous, InstanceNorm3d)."""
+    from medtriad.models.memory_format import InstanceNormAsGroupNorm
+
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder="resenc", in_channels=2, channel_names=["T1", "T2"], heads=["segmentation", "classification"],
+                     spacing=[1.0, 1.0, 1.0], encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]},
+                     regions=REGIONS, labels=LABELS, tasks={"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}},
+                     classification_hidden=8)
+    built = MultiTaskModel(spec).eval()
+    image = torch.randn(2, 64, 32, 32)  # multiples of the divisor: one window, no padding
+    with torch.no_grad():
+        expected = torch.sigmoid(built(image[None])["segmentation"])[0]
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in built.modules())
+    predictor = Predictor(built, InferenceConfig(), "cpu")
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in predictor.model.modules())
+    assert any(isinstance(m, InstanceNormAsGroupNorm) for m in predictor.model.modules())
+    conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(predictor.predict_grid(image).region_probs, expected, atol=1e-4, rtol=1e-4)

@@ -32,6 +32,7 @@ from medtriad.config import Config, InferenceConfig
 from medtriad.data.boxes import instances_from_mask, voxel_box_to_world, world_box_to_voxel
 from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
+from medtriad.models.memory_format import channels_last_for_cpu_inference
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
 from medtriad.precision import autocast, autocast_dtype
 
@@ -88,6 +89,10 @@ class Predictor:
                  heatmaps: bool = False):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        # on the CPU: channels-last memory and instance norms as the equal group norms (models/memory_format.py)
+        self._channels_last = self.device.type == "cpu" and isinstance(model, MultiTaskModel)
+        if self._channels_last:
+            self.model = channels_last_for_cpu_inference(self.model, self.device)
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
@@ -190,7 +195,10 @@ class Predictor:
                 view = torch.flip(x[region], dims) if dims else x[region]
                 inverse = [perm.index(a) for a in range(3)]
                 with self._autocast():  # outputs back in float32 before they are combined
-                    features = self.model.encoder(view.permute(0, 1, *(a + 2 for a in perm)))
+                    view = view.permute(0, 1, *(a + 2 for a in perm))
+                    if self._channels_last:
+                        view = view.contiguous(memory_format=torch.channels_last_3d)
+                    features = self.model.encoder(view)
                     if seg is not None:
                         window_probs = torch.sigmoid(seg(features).float()).permute(0, 1, *(a + 2 for a in inverse))
                         window_probs = torch.flip(window_probs, dims) if dims else window_probs

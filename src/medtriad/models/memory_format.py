@@ -1,4 +1,4 @@
-"""Channels-last 3D memory for CPU training, with instance norm that keeps it.
+"""Channels-last 3D memory for CPU training and inference, with instance norm that keeps it.
 
 oneDNN's 3D convolutions on the CPU run faster on channels-last (NDHWC) tensors, so the trainer stores the model and
 its batches that way. PyTorch's ``InstanceNorm3d`` does not keep that layout: it reshapes its input to
@@ -10,7 +10,9 @@ and biased variance over each channel's positions, the same eps and per-channel 
 kernel has a channels-last path, so :func:`channels_last_for_training` replaces every ``InstanceNorm3d`` with
 :class:`InstanceNormAsGroupNorm`. The parameter names and shapes (``weight``, ``bias``) stay, so checkpoints load into
 either form, and the outputs agree to float rounding (tests/models/test_memory_format.py). One training step of
-``brats-cpu``'s network, both forms: ``python benchmarks/instance_norm_speed.py`` (docs/benchmarks.md).
+``brats-cpu``'s network, both forms: ``python benchmarks/instance_norm_speed.py`` (docs/benchmarks.md). The
+predictor holds a model the same way on the CPU (:func:`channels_last_for_cpu_inference`): a full BraTS case,
+``python benchmarks/predict_cpu.py``.
 """
 
 from __future__ import annotations
@@ -68,3 +70,9 @@ def channels_last_for_training(model: nn.Module, device: torch.device) -> nn.Mod
     if device.type == "cpu":
         swap_instance_norms(model)
     return model.to(memory_format=torch.channels_last_3d)
+
+
+def channels_last_for_cpu_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """On the CPU, ``model`` as :func:`channels_last_for_training` holds it (channels-last, instance norms swapped in
+    place); on other devices ``model`` unchanged: channels-last inference was measured on the CPU only."""
+    return channels_last_for_training(model, device) if device.type == "cpu" else model
