@@ -38,21 +38,29 @@ def split_cases(run: str | Path | Sequence[str | Path], cases: list[Case], split
         wanted = set(splits[split])
         return [c for c in cases if c.case_id in wanted]
     runs = run_folders(run)
-    val_sets = []
-    for folder in runs:
-        split_file = folder / "split.json"
-        if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} not found: --split val needs the run's split (or use --split all)")
-        val_sets.append(set(json.loads(split_file.read_text())["val"]))
+    val_sets = [set(read_run_split(folder, "--split val needs the run's split (or use --split all)")["val"])
+                for folder in runs]
     for folder, val in zip(runs[1:], val_sets[1:]):
         if val != val_sets[0]:
             raise ValueError(f"{folder} was validated on other cases than {runs[0]} (different folds or splits): "
                              f"an ensemble of them has no common validation set; use --split test or --split all "
                              f"with held-out cases")
-    wanted = val_sets[0]
+    return _validation_cases(cases, val_sets[0], runs[0])
+
+
+def read_run_split(folder: Path, needed_for: str) -> dict[str, Any]:
+    """A run's ``split.json``; a missing one is a FileNotFoundError saying what it was ``needed_for``."""
+    split_file = folder / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file} not found: {needed_for}")
+    return json.loads(split_file.read_text())
+
+
+def _validation_cases(cases: list[Case], wanted: set[str], run: Path) -> list[Case]:
+    """The cases of ``cases`` named in ``wanted`` (``run``'s validation cases), all of which must be there."""
     missing = wanted - {c.case_id for c in cases}
     if missing:
-        raise ValueError(f"validation cases {sorted(missing)} of {runs[0] / 'split.json'} are not in this dataset")
+        raise ValueError(f"validation cases {sorted(missing)} of {run / 'split.json'} are not in this dataset")
     return [c for c in cases if c.case_id in wanted]
 
 
@@ -84,30 +92,25 @@ def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: s
     return out, summary
 
 
-def cross_validation_folds(runs: Sequence[str | Path], cases: list[Case]) -> list[list[Case]]:
-    """Each run's own validation cases (its ``split.json``), checked to be a cross-validation: at least two runs,
-    no case held out by two of them (it would be counted twice), every case in the dataset."""
+def cross_validation_folds(runs: Sequence[str | Path], cases: list[Case]) -> list[tuple[Any, list[Case]]]:
+    """Per run, its fold (from its ``split.json``, else its position) and its own validation cases, checked to be a
+    cross-validation: at least two runs, no case held out by two of them (it would be counted twice), every case in
+    the dataset."""
     runs = run_folders(runs)
     if len(runs) < 2:
         raise ValueError(f"a cross-validation needs the runs of at least two folds, got {len(runs)}")
-    by_id = {c.case_id: c for c in cases}
     owner: dict[str, Path] = {}
     folds = []
-    for folder in runs:
-        split_file = folder / "split.json"
-        if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} not found: a cross-validation scores each run on the validation "
-                                    f"cases its split.json names")
-        val = json.loads(split_file.read_text())["val"]
-        missing = sorted(set(val) - set(by_id))
-        if missing:
-            raise ValueError(f"validation cases {missing} of {split_file} are not in this dataset")
+    for position, folder in enumerate(runs):
+        split = read_run_split(folder, "a cross-validation scores each run on the validation cases its split.json names")
+        val = set(split["val"])
+        fold_cases = _validation_cases(cases, val, folder)
         twice = sorted(c for c in val if c in owner)
         if twice:
             raise ValueError(f"{folder} and {owner[twice[0]]} both hold out {twice}: the runs of a cross-validation "
                              f"must validate on disjoint cases (different folds of one split)")
         owner.update((c, folder) for c in val)
-        folds.append([by_id[c] for c in sorted(val)])
+        folds.append((split.get("fold", position), fold_cases))
     return folds
 
 
@@ -130,12 +133,10 @@ def evaluate_cross_validation(runs: Sequence[str | Path], dataset: Path, output:
         raise FileNotFoundError(f"{missing[0]} not found: a cross-validation takes run folders")
     specs = [ModelSpec.load(r / "model.json") for r in runs]
     check_specs_agree(specs, [str(r) for r in runs], CROSS_VALIDATION_FIELDS, "the folds of a cross-validation")
-    scores, fold_ids = [], []
-    bar = tqdm(total=sum(map(len, folds)), desc="cross-validation", unit="case", disable=not progress)
-    for folder, fold_cases in zip(runs, folds):
+    scores = []
+    bar = tqdm(total=sum(len(c) for _, c in folds), desc="cross-validation", unit="case", disable=not progress)
+    for folder, (fold, fold_cases) in zip(runs, folds):
         predictor = Predictor.from_pretrained(folder, device=device, checkpoint=checkpoint, inference=inference)
-        fold = json.loads((folder / "split.json").read_text()).get("fold", len(fold_ids))
-        fold_ids.append(fold)
         for case in fold_cases:
             sample = load_sample(case, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)
             score, _ = score_case(predictor, sample)
@@ -144,9 +145,9 @@ def evaluate_cross_validation(runs: Sequence[str | Path], dataset: Path, output:
             bar.update()
     bar.close()
     rows, summary = summarize_scores(scores, specs[0])
-    held_out = {c.case_id for fold_cases in folds for c in fold_cases}
+    held_out = {c.case_id for _, fold_cases in folds for c in fold_cases}
     summary["cross_validation"] = {
-        "runs": [str(r) for r in runs], "folds": fold_ids, "cases_per_fold": [len(f) for f in folds],
+        "runs": [str(r) for r in runs], "folds": [f for f, _ in folds], "cases_per_fold": [len(c) for _, c in folds],
         "checkpoint": checkpoint, "cases_not_held_out": sorted(c.case_id for c in cases if c.case_id not in held_out)}
     out = Path(output)
     write_results(out, rows, summary)
