@@ -191,6 +191,36 @@ def test_detection_gate_setting_removes_segmentation_outside_confident_boxes():
             InferenceConfig(detection_gate=bad)
 
 
+def test_boxes_found_wholly_in_the_padding_are_dropped():
+    """The detection head sees the scan padded to the encoder's size divisor. A box it finds inside the padding
+    collapses onto the scan's face when clipped back (zero extent along one axis), one reaching 0.3 voxel into the
+    scan leaves a sliver holding no voxel centre: neither is a finding. A box partly inside the scan is clipped and
+    kept."""
+    predictor = _blob_model()
+    image = torch.from_numpy(_scan((30, 26, 20)))
+    div = predictor.model.size_divisible
+    padded = [-(-n // div) * div for n in image.shape[1:]]
+    lead = [(p - n) // 2 for p, n in zip(padded, image.shape[1:])]
+    assert lead[0] > 0, "the test needs padding along x"
+
+    class Boxes(torch.nn.Module):
+        def forward(self, features, roi):
+            found = [[0.0, 4.0, 4.0, lead[0], 10.0, 10.0],  # wholly in the padding before x = 0
+                     [0.0, 4.0, 4.0, lead[0] + 0.3, 10.0, 10.0],  # no voxel centre of the scan
+                     [0.0, 4.0, 4.0, lead[0] + 3.0, 10.0, 10.0],  # straddles the scan's face
+                     [lead[0] + 5.0, 6.0, 4.0, lead[0] + 12.0, 12.0, 9.0]]  # inside
+            return [{"boxes": torch.tensor(found), "labels_scores": torch.tensor([0.95, 0.9, 0.8, 0.7])}]
+
+    predictor.model.heads["detection"] = Boxes()
+    predictor.spec.heads = ["segmentation", "detection"]
+    out = predictor.predict_grid(image)
+    torch.testing.assert_close(out.scores, torch.tensor([0.8, 0.7]))
+    torch.testing.assert_close(out.boxes, torch.tensor([[0.0, 4.0 - lead[1], 4.0 - lead[2], 3.0, 10.0 - lead[1],
+                                                         10.0 - lead[2]],
+                                                        [5.0, 6.0 - lead[1], 4.0 - lead[2], 12.0, 12.0 - lead[1],
+                                                         9.0 - lead[2]]]))
+
+
 def test_geometry_model_grid_maps_to_world_like_the_input():
     affine = np.array([[0, 0, -1.5, 100], [1.0, 0, 0, -20], [0, 2.0, 0, 5], [0, 0, 0, 1]])
     g = make_geometry(affine, (40, 30, 20), (3.0, 3.0, 3.0))

@@ -83,6 +83,10 @@ class Predictor:
 
         predictor = Predictor.from_pretrained("runs/brats")
         result = predictor.predict(["case_0000.nii.gz", "case_0001.nii.gz", "case_0002.nii.gz", "case_0003.nii.gz"])
+
+    The predictor takes over the model it is given, as ``module.to`` does: it is moved to the device and set to
+    eval mode, and on the CPU it is held channels-last with its instance norms replaced, in place, by the equal group
+    norms (:func:`~medtriad.models.memory_format.channels_last_for_cpu_inference`: same parameters, same outputs).
     """
 
     def __init__(self, model: torch.nn.Module, inference: InferenceConfig | None = None, device: str | None = None,
@@ -224,8 +228,11 @@ class Predictor:
             lead = [s.start for s in inside] * 2
             all_boxes = all_boxes - torch.tensor(lead, dtype=torch.float32, device=all_boxes.device)
             limit = torch.tensor(shape * 2, dtype=torch.float32, device=all_boxes.device)
-            out.boxes = torch.minimum(all_boxes.clamp_min(0), limit).cpu()
-            out.scores = all_scores.cpu()
+            all_boxes = torch.minimum(all_boxes.clamp_min(0), limit)
+            # a box found (almost) wholly in the padding is left as a sliver on the scan's face when clipped: one that
+            # holds no voxel centre of the scan along some axis (half-open edges, centres at i + 0.5) is not a finding
+            inside_scan = (torch.ceil(all_boxes[:, 3:] - 0.5) > torch.ceil(all_boxes[:, :3] - 0.5)).all(1)
+            out.boxes, out.scores = all_boxes[inside_scan].cpu(), all_scores[inside_scan].cpu()
         if tokens:
             head: ClassificationHead = heads["classification"]
             for task, parts in tokens.items():

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 5, quality under the same budget: brats-cpu's single-task detection variant (arm D) and single-task
+# classification variant (arm C) train for 60 minutes each on the same fold of the shared BraTS sample, side by side
+# with one thread each (the conditions under which the multi-task recipe ran beside its segmentation-only variant in
+# benchmarks/brats_vs_segresnet.sh), then both are evaluated on the fold's 2 held-out cases with their final weights.
+# Each variant is the same encoder and settings with one head and that head's loss weight 1.0.
+# Usage: bash benchmarks/brats_single_task_heads.sh WORKDIR FOLD
+#   results in WORKDIR/heads-foldFOLD/{D,C}/evaluation_val_last/summary.json and a line per arm on stdout.
+set -euo pipefail
+work=${1:?WORKDIR}
+fold=${2:?FOLD}
+data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
+[ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
+out="$work/heads-fold$fold"
+mkdir -p "$out"
+declare -A heads=([D]="[detection]" [C]="[classification]")
+declare -A weights=([D]='{"detection":1.0}' [C]='{"class:grade":1.0}')
+for arm in D C; do
+  OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c brats-cpu -o "$out/$arm" --fold "$fold" -q \
+      --set training.validate_every=1000 --set training.num_threads=1 \
+      --set "model.heads=${heads[$arm]}" --set "training.loss_weights=${weights[$arm]}" > "$out/$arm.log" 2>&1 &
+done
+wait
+for arm in D C; do
+  OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q > /dev/null &
+done
+wait
+python - "$out" <<'PY'
+import json, sys
+for arm in ("D", "C"):
+    steps = json.load(open(f"{sys.argv[1]}/{arm}/history.json"))[-1]["step"]
+    summary = json.load(open(f"{sys.argv[1]}/{arm}/evaluation_val_last/summary.json"))
+    det = summary.get("detection", {})
+    cls = summary.get("classification", {}).get("grade", {})
+    scores = {k: det[k] for k in ("AP_IoU_0.10", "AP_IoU_0.50", "mAP_IoU_0.10_0.50") if k in det}
+    scores.update({f"grade_{k}": cls[k] for k in ("auc", "accuracy") if k in cls})
+    print(arm, f"steps={steps}", " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+PY
