@@ -172,6 +172,25 @@ def test_single_task_is_the_same_builder(synth_dataset, tmp_path):
     assert math.isfinite(result.best_score)
 
 
+def test_a_batch_without_any_target_is_an_empty_step_not_a_crash(synth_dataset, tmp_path, monkeypatch):
+    """A classification-only model learns the class from patches that hold tumour (a patch without it leaves the
+    case's class unknown), so a batch can hold no target for any head. Such a step adds nothing and training goes
+    on (it had stopped a 60-minute BraTS run with "no task loss to balance")."""
+    config = Config.load("tiny", {**TINY, "training.epochs": 1, "model.heads": ["classification"]})
+    batch = Trainer._batch
+
+    def unknown_classes(self, step):
+        out = batch(self, step)
+        out["classes"] = {t: torch.full_like(v, -1.0) for t, v in out["classes"].items()}
+        return out
+
+    monkeypatch.setattr(Trainer, "_batch", unknown_classes)
+    train(synth_dataset, config, tmp_path / "run", progress=False)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history[-1]["step"] == TINY["training.iterations_per_epoch"] and history[-1]["losses"] == {}
+    assert all(torch.isfinite(v).all() for v in load_weights(tmp_path / "run" / "checkpoints" / "last").values())
+
+
 def test_deep_supervision_trains_and_leaves_inference_alone(synth_dataset, tmp_path):
     config = Config.load("tiny", {**TINY, "training.epochs": 1,
                                   "model.segmentation": {"decoder_channels": [8, 8, 16, 16], "deep_supervision": 2}})

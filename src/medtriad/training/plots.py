@@ -34,12 +34,14 @@ def plot_progress(history: list[dict[str, Any]], path: str | Path) -> None:
     """Two panels: training losses (log scale) with loss weights, and validation metrics."""
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     epochs = [r["epoch"] + 1 for r in history]
-    for name in sorted({k for r in history for k in r["losses"]}):
+    names = sorted({k for r in history for k in r["losses"]})  # none while no batch held a target
+    for name in names:
         ax_loss.plot(epochs, [r["losses"].get(name, math.nan) for r in history], marker=".", label=name)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
-    ax_loss.legend(fontsize=8)
+    if names:
+        ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
     curves = validation_curves(history)
     for name, points in curves.items():

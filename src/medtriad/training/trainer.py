@@ -474,7 +474,9 @@ class Trainer:
                     sync = micro + 1 == cfg.training.accumulate or self.world == 1
                     with (contextlib.nullcontext() if sync else self.network.no_sync()):
                         losses, tail = self._losses(self._batch(step * cfg.training.accumulate + micro))
-                        total = (self.balancer(losses) + tail) / cfg.training.accumulate
+                        # a batch can hold no target for any head (a classification-only model: a patch without
+                        # tumour leaves the case's class unknown); it then adds only the zero-weighted tail
+                        total = ((self.balancer(losses) if losses else 0.0) + tail) / cfg.training.accumulate
                         self.scaler.scale(total).backward()
                     for k, v in losses.items():
                         sums.setdefault(k, []).append(float(v.detach()))
