@@ -8,6 +8,7 @@ import torch
 from medtriad.data.boxes import (
     boxes_from_instances,
     boxes_from_mask,
+    centre_index_ranges,
     instances_from_boxes,
     instances_from_mask,
     voxel_box_to_world,
@@ -113,6 +114,23 @@ def test_instances_from_boxes_round_trip_and_nesting():
     np.testing.assert_array_equal(boxes_from_instances(nested)[2], boxes[2])
     clipped = instances_from_boxes((4, 4, 4), [[2.5, -1, 0, 7, 2, 1]])
     np.testing.assert_array_equal(boxes_from_instances(clipped), [[2, 0, 0, 4, 2, 1]])
+
+
+def test_centre_index_ranges_hold_exactly_the_voxel_centres_inside_half_open_boxes():
+    boxes = np.array([[0.0, 0.0, 0.0, 3.0, 4.0, 5.0],     # whole voxels: indices 0..2, 0..3, 0..4
+                      [0.5, 1.2, 2.6, 2.5, 1.8, 3.5],     # centres on edges: x in at lo, z out at hi
+                      [-4.0, 5.0, 0.0, 0.4, 9.0, 1.0]], dtype=np.float32)
+    starts, stops = centre_index_ranges(boxes)
+    np.testing.assert_array_equal(starts, [[0, 0, 0], [0, 1, 3], [-4, 5, 0]])
+    np.testing.assert_array_equal(stops, [[3, 4, 5], [2, 2, 3], [0, 9, 1]])
+    for box, lo, hi in zip(boxes, starts, stops):  # brute force over the voxel centres
+        for axis in range(3):
+            inside = [i for i in range(-10, 20) if box[axis] <= i + 0.5 < box[axis + 3]]
+            assert inside == list(range(lo[axis], hi[axis]))
+    starts, stops = centre_index_ranges(boxes, (2, 6, 6))  # clipped to a (2, 6, 6) volume
+    np.testing.assert_array_equal(starts, [[0, 0, 0], [0, 1, 3], [0, 5, 0]])
+    np.testing.assert_array_equal(stops, [[2, 4, 5], [2, 2, 3], [0, 6, 1]])
+    assert [bool((b > a).all()) for a, b in zip(starts, stops)] == [True, False, False]  # no centre: z / x empty
 
 
 def test_all_corners_transform_like_points():

@@ -14,6 +14,7 @@ scan would see one lesion.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -131,6 +132,17 @@ def boxes_from_mask(mask: np.ndarray, affine: np.ndarray, min_volume_mm3: float,
         Box(tuple(v.tolist()), tuple(w.tolist()), label, int(size))
         for v, w, size in zip(voxel, world, sizes, strict=True)
     ]
+
+
+def centre_index_ranges(boxes_voxel: np.ndarray, shape: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For (N, 6) half-open xyzxyz voxel boxes, the (N, 3) ``starts`` and ``stops`` of the voxel indices whose
+    centres (i + 0.5) lie inside: lo <= i + 0.5 < hi, i.e. ``range(ceil(lo - 0.5), ceil(hi - 0.5))`` per axis;
+    clipped to ``shape`` when given. A box holds no voxel centre where ``stops <= starts`` on some axis."""
+    boxes = np.asarray(boxes_voxel, dtype=np.float64).reshape(-1, 6)
+    starts, stops = np.ceil(boxes[:, :3] - 0.5), np.ceil(boxes[:, 3:] - 0.5)
+    if shape is not None:
+        starts, stops = np.clip(starts, 0, shape), np.clip(stops, 0, shape)
+    return starts.astype(int), stops.astype(int)
 
 
 def instances_from_boxes(shape: tuple[int, int, int], boxes_voxel: np.ndarray) -> np.ndarray:

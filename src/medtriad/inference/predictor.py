@@ -29,7 +29,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices, get_val
 
 from medtriad.checkpoint import load_weights, resolve_checkpoint
 from medtriad.config import Config, InferenceConfig
-from medtriad.data.boxes import instances_from_mask, voxel_box_to_world, world_box_to_voxel
+from medtriad.data.boxes import centre_index_ranges, instances_from_mask, voxel_box_to_world, world_box_to_voxel
 from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.memory_format import channels_last_for_cpu_inference
@@ -231,7 +231,8 @@ class Predictor:
             all_boxes = torch.minimum(all_boxes.clamp_min(0), limit)
             # a box found (almost) wholly in the padding is left as a sliver on the scan's face when clipped: one that
             # holds no voxel centre of the scan along some axis (half-open edges, centres at i + 0.5) is not a finding
-            inside_scan = (torch.ceil(all_boxes[:, 3:] - 0.5) > torch.ceil(all_boxes[:, :3] - 0.5)).all(1)
+            starts, stops = centre_index_ranges(all_boxes.cpu().numpy())
+            inside_scan = torch.from_numpy((stops > starts).all(1)).to(all_boxes.device)
             out.boxes, out.scores = all_boxes[inside_scan].cpu(), all_scores[inside_scan].cpu()
         if tokens:
             head: ClassificationHead = heads["classification"]
@@ -404,9 +405,7 @@ def gate_by_boxes(mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, min_s
     confident = scores >= min_score
     chosen = boxes[confident] if confident.any() else boxes[[int(np.argmax(scores))]]
     inside = np.zeros(mask.shape, dtype=bool)
-    for box in chosen:  # voxel i (centre i + 0.5) lies in [lo, hi) when lo <= i + 0.5 <= hi
-        lo = np.clip(np.ceil(box[:3] - 0.5), 0, mask.shape).astype(int)
-        hi = np.clip(np.floor(box[3:] - 0.5) + 1, 0, mask.shape).astype(int)
+    for lo, hi in zip(*centre_index_ranges(chosen, mask.shape)):
         inside[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
     components = instances_from_mask(mask != 0, np.eye(4), 0.0)
     kept = np.unique(components[inside & (components > 0)])
