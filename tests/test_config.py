@@ -22,7 +22,7 @@ def test_overrides_and_types():
     assert Config.load().model.heads == ("segmentation", "detection", "classification")
     # one entry of a mapping field; the recipe's other entries stay
     nested = Config.load("brats-cpu", {"model.segmentation.deep_supervision": 2})
-    assert nested.model.segmentation == {"decoder_channels": [8, 16, 32, 64], "prior": None, "deep_supervision": 2}
+    assert nested.model.segmentation == {"decoder_channels": [8, 16, 32, 64], "prior": 0.01, "deep_supervision": 2}
     for bad in ("training.epochs.x", "epochs", "model..prior"):
         with pytest.raises(ValueError, match="override"):
             Config.load("brats-cpu", {bad: 1})
