@@ -231,9 +231,10 @@ class Predictor:
             all_boxes = torch.minimum(all_boxes.clamp_min(0), limit)
             # a box found (almost) wholly in the padding is left as a sliver on the scan's face when clipped: one that
             # holds no voxel centre of the scan along some axis (half-open edges, centres at i + 0.5) is not a finding
-            starts, stops = centre_index_ranges(all_boxes.cpu().numpy())
-            inside_scan = torch.from_numpy((stops > starts).all(1)).to(all_boxes.device)
-            out.boxes, out.scores = all_boxes[inside_scan].cpu(), all_scores[inside_scan].cpu()
+            all_boxes, all_scores = all_boxes.cpu(), all_scores.cpu()
+            starts, stops = centre_index_ranges(all_boxes.numpy())
+            inside_scan = torch.from_numpy((stops > starts).all(1))
+            out.boxes, out.scores = all_boxes[inside_scan], all_scores[inside_scan]
         if tokens:
             head: ClassificationHead = heads["classification"]
             for task, parts in tokens.items():
