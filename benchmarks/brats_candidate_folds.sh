@@ -32,15 +32,6 @@ for fold in "${folds[@]}"; do
         --set "inference.mirror_axes=[0,1,2]" -o "$run/eval_mirrored" > /dev/null ) &
 done
 wait
-python - "$work" "$tag" "${folds[@]}" <<'PY'
-import json, sys
-work, tag = sys.argv[1:3]
-for fold in sys.argv[3:]:
-    run = f"{work}/{tag}-fold{fold}/P"
-    steps = json.load(open(f"{run}/history.json"))[-1]["step"]
-    for name in ("evaluation_val_last", "eval_mirrored"):
-        seg = json.load(open(f"{run}/{name}/summary.json"))["segmentation"]
-        dice = {k: v["mean"] for k, v in seg.items() if k.startswith("dice")}
-        print(f"fold {fold}", name, f"steps={steps}", " ".join(f"{k}={v:.3f}" for k, v in dice.items()),
-              f"mean={sum(dice.values()) / len(dice):.3f}")
-PY
+labels=()
+for fold in "${folds[@]}"; do labels+=("fold $fold=$work/$tag-fold$fold/P"); done
+python "$(dirname "$0")/dice_summary.py" "${labels[@]}"

@@ -34,12 +34,6 @@ for arm in $arms; do
       --set "inference.mirror_axes=[0,1,2]" -o "$out/$arm/eval_mirrored" > /dev/null &
 done
 wait
-python - "$out" $arms <<'PY'
-import json, sys
-for arm in sys.argv[2:]:
-    run = json.load(open(f"{sys.argv[1]}/{arm}/history.json"))[-1]
-    dice = {k: v["mean"] for k, v in json.load(open(f"{sys.argv[1]}/{arm}/eval_mirrored/summary.json"))
-            ["segmentation"].items() if k.startswith("dice")}
-    print(arm, f"steps={run['step']}", " ".join(f"{k}={v:.3f}" for k, v in dice.items()),
-          f"mean={sum(dice.values()) / len(dice):.3f}")
-PY
+labels=()
+for arm in $arms; do labels+=("$arm=$out/$arm"); done
+python "$(dirname "$0")/dice_summary.py" "${labels[@]}" --evals eval_mirrored

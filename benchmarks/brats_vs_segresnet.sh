@@ -47,13 +47,4 @@ for arm in $multi $ref; do
         --set "inference.mirror_axes=[0,1,2]" -o "$out/$arm/eval_mirrored" > /dev/null ) &
 done
 wait
-python - "$out" $multi $ref <<'PY'
-import json, sys
-for arm in sys.argv[2:]:
-    steps = json.load(open(f"{sys.argv[1]}/{arm}/history.json"))[-1]["step"]
-    for name in ("evaluation_val_last", "eval_mirrored"):
-        seg = json.load(open(f"{sys.argv[1]}/{arm}/{name}/summary.json"))["segmentation"]
-        dice = {k: v["mean"] for k, v in seg.items() if k.startswith("dice")}
-        print(arm, name, f"steps={steps}", " ".join(f"{k}={v:.3f}" for k, v in dice.items()),
-              f"mean={sum(dice.values()) / len(dice):.3f}")
-PY
+python "$(dirname "$0")/dice_summary.py" "$multi=$out/$multi" "$ref=$out/$ref"
