@@ -32,7 +32,7 @@ from medtriad.config import Config, InferenceConfig
 from medtriad.data.boxes import centre_index_ranges, instances_from_mask, voxel_box_to_world, world_box_to_voxel
 from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
-from medtriad.models.memory_format import channels_last_for_cpu_inference
+from medtriad.models.memory_format import channels_last_on_cpu
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
 from medtriad.precision import autocast, autocast_dtype
 
@@ -86,7 +86,7 @@ class Predictor:
 
     The predictor takes over the model it is given, as ``module.to`` does: it is moved to the device and set to
     eval mode, and on the CPU it is held channels-last with its instance norms replaced, in place, by the equal group
-    norms (:func:`~medtriad.models.memory_format.channels_last_for_cpu_inference`: same parameters, same outputs).
+    norms (:func:`~medtriad.models.memory_format.channels_last_on_cpu`: same parameters, same outputs).
     """
 
     def __init__(self, model: torch.nn.Module, inference: InferenceConfig | None = None, device: str | None = None,
@@ -96,7 +96,7 @@ class Predictor:
         # on the CPU: channels-last memory and instance norms as the equal group norms (models/memory_format.py)
         self._channels_last = self.device.type == "cpu" and isinstance(model, MultiTaskModel)
         if self._channels_last:
-            self.model = channels_last_for_cpu_inference(self.model, self.device)
+            self.model = channels_last_on_cpu(self.model)
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)

@@ -11,7 +11,7 @@ kernel has a channels-last path, so :func:`channels_last_for_training` replaces 
 :class:`InstanceNormAsGroupNorm`. The parameter names and shapes (``weight``, ``bias``) stay, so checkpoints load into
 either form, and the outputs agree to float rounding (tests/models/test_memory_format.py). One training step of
 ``brats-cpu``'s network, both forms: ``python benchmarks/instance_norm_speed.py`` (docs/benchmarks.md). The
-predictor holds a model the same way on the CPU (:func:`channels_last_for_cpu_inference`): a full BraTS case,
+predictor holds a model the same way on the CPU (:func:`channels_last_on_cpu`): a full BraTS case,
 ``python benchmarks/predict_cpu.py``.
 """
 
@@ -63,16 +63,18 @@ def swap_instance_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-def channels_last_for_training(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in channels-last 3D memory; on the CPU its instance norms are also replaced, in place, by
-    :class:`InstanceNormAsGroupNorm`. On other devices the model keeps ``InstanceNorm3d``: the swap was measured on
-    the CPU only."""
-    if device.type == "cpu":
-        swap_instance_norms(model)
+def channels_last_on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` as the trainer and the predictor hold it on the CPU: channels-last 3D memory, its instance norms
+    replaced, in place, by :class:`InstanceNormAsGroupNorm` (same parameters, same outputs). The caller decides that
+    the model runs on the CPU: both were measured there only."""
+    swap_instance_norms(model)
     return model.to(memory_format=torch.channels_last_3d)
 
 
-def channels_last_for_cpu_inference(model: nn.Module, device: torch.device) -> nn.Module:
-    """On the CPU, ``model`` as :func:`channels_last_for_training` holds it (channels-last, instance norms swapped in
-    place); on other devices ``model`` unchanged: channels-last inference was measured on the CPU only."""
-    return channels_last_for_training(model, device) if device.type == "cpu" else model
+def channels_last_for_training(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in channels-last 3D memory; on the CPU its instance norms are also replaced, in place, by
+    :class:`InstanceNormAsGroupNorm` (:func:`channels_last_on_cpu`). On other devices the model keeps
+    ``InstanceNorm3d``: the swap was measured on the CPU only."""
+    if device.type == "cpu":
+        return channels_last_on_cpu(model)
+    return model.to(memory_format=torch.channels_last_3d)
