@@ -14,22 +14,16 @@ tag=${2:?TAG}
 sets=${3:?overrides}
 shift 3
 folds=("${@:?FOLD}")
-data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
-[ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
-extra=()
-read -ra kvs <<< "$sets"  # split on spaces, no glob expansion of [..] values
-for kv in "${kvs[@]}"; do extra+=(--set "$kv"); done
+source "$(dirname "$0")/brats_fold_runs.sh"
+brats_dataset "$work"
+overrides_to_sets "$sets"
 for fold in "${folds[@]}"; do
   mkdir -p "$work/$tag-fold$fold"
-  OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c brats-cpu -o "$work/$tag-fold$fold/P" --fold "$fold" -q \
-      --set training.validate_every=1000 --set training.num_threads=1 "${extra[@]}" > "$work/$tag-fold$fold/P.log" 2>&1 &
+  train_one_thread "$work/dataset" brats-cpu "$work/$tag-fold$fold/P" "$fold" "${SETS[@]}" &
 done
 wait
 for fold in "${folds[@]}"; do
-  run="$work/$tag-fold$fold/P"
-  ( OMP_NUM_THREADS=1 medtriad evaluate "$run" "$work/dataset" --checkpoint last -q > /dev/null
-    OMP_NUM_THREADS=1 medtriad evaluate "$run" "$work/dataset" --checkpoint last -q \
-        --set "inference.mirror_axes=[0,1,2]" -o "$run/eval_mirrored" > /dev/null ) &
+  evaluate_final "$work/$tag-fold$fold/P" "$work/dataset" &
 done
 wait
 labels=()

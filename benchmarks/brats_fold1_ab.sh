@@ -14,24 +14,20 @@ work=${1:?WORKDIR}
 tag=${2:?TAG}
 sets_b=${3:?overrides}
 sets_c=${4-}
-data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
-[ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
+source "$(dirname "$0")/brats_fold_runs.sh"
+brats_dataset "$work"
 out="$work/fold1-$tag"
 mkdir -p "$out"
 declare -A arm_sets=([A]="" [B]="$sets_b")
 arms="A B"
 if [ -n "$sets_c" ]; then arm_sets[C]=$sets_c; arms="B C"; fi
 for arm in $arms; do
-  extra=()
-  read -ra kvs <<< "${arm_sets[$arm]}"  # split on spaces, no glob expansion of [..] values
-  for kv in ${kvs[@]+"${kvs[@]}"}; do extra+=(--set "$kv"); done
-  OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c brats-cpu -o "$out/$arm" --fold 1 -q \
-      --set training.validate_every=1000 --set training.num_threads=1 ${extra[@]+"${extra[@]}"} > "$out/$arm.log" 2>&1 &
+  overrides_to_sets "${arm_sets[$arm]}"
+  train_one_thread "$work/dataset" brats-cpu "$out/$arm" 1 ${SETS[@]+"${SETS[@]}"} &
 done
 wait
 for arm in $arms; do
-  OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q \
-      --set "inference.mirror_axes=[0,1,2]" -o "$out/$arm/eval_mirrored" > /dev/null &
+  evaluate_final "$out/$arm" "$work/dataset" mirrored &
 done
 wait
 labels=()

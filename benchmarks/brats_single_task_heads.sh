@@ -9,20 +9,19 @@
 set -euo pipefail
 work=${1:?WORKDIR}
 fold=${2:?FOLD}
-data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
-[ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
+source "$(dirname "$0")/brats_fold_runs.sh"
+brats_dataset "$work"
 out="$work/heads-fold$fold"
 mkdir -p "$out"
 declare -A heads=([D]="[detection]" [C]="[classification]")
 declare -A weights=([D]='{"detection":1.0}' [C]='{"class:grade":1.0}')
 for arm in D C; do
-  OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c brats-cpu -o "$out/$arm" --fold "$fold" -q \
-      --set training.validate_every=1000 --set training.num_threads=1 \
-      --set "model.heads=${heads[$arm]}" --set "training.loss_weights=${weights[$arm]}" > "$out/$arm.log" 2>&1 &
+  train_one_thread "$work/dataset" brats-cpu "$out/$arm" "$fold" \
+      --set "model.heads=${heads[$arm]}" --set "training.loss_weights=${weights[$arm]}" &
 done
 wait
 for arm in D C; do
-  OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q > /dev/null &
+  evaluate_final "$out/$arm" "$work/dataset" default &
 done
 wait
 python - "$out" <<'PY'

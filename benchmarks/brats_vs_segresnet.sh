@@ -15,8 +15,8 @@ set -euo pipefail
 work=${1:?WORKDIR}
 fold=${2:?FOLD}
 sets=${3-}
-data=$(cd "$(dirname "$0")/../.." && pwd)/shared/data/brats2018-sample/MICCAI_BraTS_2018_Data_Training
-[ -f "$work/dataset/dataset.json" ] || medtriad import brats "$data" "$work/dataset" -q
+source "$(dirname "$0")/brats_fold_runs.sh"
+brats_dataset "$work"
 ref=R
 recipe_r=brats-segresnet
 ref_sets=()
@@ -28,23 +28,18 @@ if [ "${4-}" = seg-only ]; then
   out="$work/seg-fold$fold"
 fi
 mkdir -p "$out"
-extra=()
-read -ra kvs <<< "$sets"  # split on spaces, no glob expansion of [..] values
-for kv in ${kvs[@]+"${kvs[@]}"}; do extra+=(--set "$kv"); done
+overrides_to_sets "$sets"  # the multi-task arm's overrides, in SETS
 multi=A
 [ -z "$sets" ] || multi=B
 declare -A recipe=([$multi]=brats-cpu [$ref]=$recipe_r)
 for arm in $multi $ref; do
   more=(${ref_sets[@]+"${ref_sets[@]}"})
-  [ "$arm" = $ref ] || more=(${extra[@]+"${extra[@]}"})
-  OMP_NUM_THREADS=1 medtriad train "$work/dataset" -c "${recipe[$arm]}" -o "$out/$arm" --fold "$fold" -q \
-      --set training.validate_every=1000 --set training.num_threads=1 ${more[@]+"${more[@]}"} > "$out/$arm.log" 2>&1 &
+  [ "$arm" = $ref ] || more=(${SETS[@]+"${SETS[@]}"})
+  train_one_thread "$work/dataset" "${recipe[$arm]}" "$out/$arm" "$fold" ${more[@]+"${more[@]}"} &
 done
 wait
 for arm in $multi $ref; do
-  ( OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q > /dev/null
-    OMP_NUM_THREADS=1 medtriad evaluate "$out/$arm" "$work/dataset" --checkpoint last -q \
-        --set "inference.mirror_axes=[0,1,2]" -o "$out/$arm/eval_mirrored" > /dev/null ) &
+  evaluate_final "$out/$arm" "$work/dataset" &
 done
 wait
 python "$(dirname "$0")/dice_summary.py" "$multi=$out/$multi" "$ref=$out/$ref"
