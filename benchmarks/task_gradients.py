@@ -21,10 +21,9 @@ import tempfile
 import numpy as np
 import torch
 
-from medtriad.checkpoint import load_weights, resolve_checkpoint
+from medtriad.checkpoint import resolve_checkpoint
 from medtriad.config import Config
-from medtriad.models.multitask import load_model_weights
-from medtriad.training.trainer import Trainer, _owned_by
+from medtriad.training.trainer import Trainer
 
 
 def task_gradients(trainer: Trainer, batches: int) -> dict[str, tuple[float, float]]:
@@ -35,7 +34,7 @@ def task_gradients(trainer: Trainer, batches: int) -> dict[str, tuple[float, flo
     samples: dict[str, list[tuple[float, float]]] = {}
     for i in range(batches):
         # patches from step numbers far past a 60-minute run's ~900 steps: batches the run did not train on
-        losses, _ = trainer._losses(trainer._batch(10_000 + i))
+        losses, _ = trainer.step_losses(trainer.draw_batch(10_000 + i))
         grads = {}
         for task, loss in losses.items():
             found = torch.autograd.grad(weights[task] * loss, params, retain_graph=True, allow_unused=True)
@@ -64,11 +63,9 @@ def main() -> None:
         torch.manual_seed(config.training.seed)  # seeded as Trainer.fit seeds: the run's own initial weights
         np.random.seed(config.training.seed)
         random.seed(config.training.seed)
-        trainer._prepare()
+        trainer.prepare()
         rows = [("initial weights", task_gradients(trainer, args.batches))]
-        weights = load_weights(resolve_checkpoint(f"{args.run_dir}/checkpoints/{args.checkpoint}"))
-        load_model_weights(trainer.model, weights)
-        trainer.balancer.load_state_dict(_owned_by("balancer.", weights))
+        trainer.restore_weights(resolve_checkpoint(f"{args.run_dir}/checkpoints/{args.checkpoint}"))
         rows.append((f"checkpoint {args.checkpoint}", task_gradients(trainer, args.batches)))
     print(f"| weights ({args.batches} batches, fold {fold}) | task | weighted gradient norm | cosine with segmentation |")
     print("|---|---|---:|---:|")

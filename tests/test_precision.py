@@ -56,7 +56,7 @@ def test_bf16_training_on_cpu_runs_in_bfloat16_and_keeps_float32_weights(synth_d
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast: weights stay float32
     seen = []
     hook = trainer.model.encoder.stages[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    losses, _ = trainer._losses(trainer._batch(0))
+    losses, _ = trainer.step_losses(trainer.draw_batch(0))
     hook.remove()
     assert seen == [torch.bfloat16]  # the convolutions ran in bfloat16 (the deepest, tiny maps: float32) ...
     assert losses and all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())  # losses float32

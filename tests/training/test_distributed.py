@@ -64,11 +64,11 @@ def test_a_head_without_targets_still_gets_gradients(synth_dataset, tmp_path):
     """DDP needs a gradient for every parameter at every step: a batch with no known class label and no box must
     still give the classification head and the box-regression head (zero) gradients instead of leaving them out."""
     trainer = Trainer(synth_dataset, Config.load("tiny"), tmp_path / "run", progress=False)
-    trainer._prepare()
-    batch = trainer._batch(0)
+    trainer.prepare()
+    batch = trainer.draw_batch(0)
     batch["classes"] = {t: torch.full_like(v, -1.0) for t, v in batch["classes"].items()}
     batch["boxes"] = [{"boxes": torch.zeros((0, 6)), "labels": torch.zeros(0, dtype=torch.long)} for _ in batch["boxes"]]
-    losses, tail = trainer._losses(batch)
+    losses, tail = trainer.step_losses(batch)
     assert not any(k.startswith("class:") for k in losses)
     (trainer.balancer(losses) + tail).backward()
     missing = [n for n, p in trainer.model.named_parameters() if p.grad is None]

@@ -32,11 +32,11 @@ def _poison(parameter: torch.nn.Parameter, bad_calls: set[int]) -> list[int]:
 
 def test_a_step_with_nan_gradients_is_skipped_and_the_weights_stay_finite(synth_dataset, tmp_path):
     trainer = Trainer(synth_dataset, Config.load("tiny", TINY), tmp_path / "run", device="cpu", progress=False)
-    trainer._prepare()
+    trainer.prepare()
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     weight = next(trainer.model.encoder.last_shared_layer().parameters())
     calls = _poison(weight, {2, 3})
-    trainer._prepare = lambda: None  # keep the model the hook is on
+    trainer.prepare = lambda: None  # keep the model the hook is on
     with pytest.warns(UserWarning, match="2 of 4 steps had non-finite gradients"):
         result = trainer.fit()
     assert calls[0] == 4

@@ -84,18 +84,18 @@ def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_
     assert straight.epochs_done == 2
 
     run = tmp_path / "b"
-    original = Trainer._batch
+    original = Trainer.draw_batch
 
     def crash_in_second_epoch(self, step):
         if step == TINY["training.iterations_per_epoch"]:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(Trainer, "_batch", crash_in_second_epoch)
+    monkeypatch.setattr(Trainer, "draw_batch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(synth_dataset, config, run, progress=False)
     assert load_state(run / "checkpoints" / "last")["step"] == 2
-    monkeypatch.setattr(Trainer, "_batch", original)
+    monkeypatch.setattr(Trainer, "draw_batch", original)
     assert main(["train", str(synth_dataset), "-o", str(run), "--resume", "-q"]) == 0
     a = load_weights(tmp_path / "a" / "checkpoints" / "last")
     b = load_weights(run / "checkpoints" / "last")
@@ -177,14 +177,14 @@ def test_a_batch_without_any_target_is_an_empty_step_not_a_crash(synth_dataset, 
     case's class unknown), so a batch can hold no target for any head. Such a step adds nothing and training goes
     on (it had stopped a 60-minute BraTS run with "no task loss to balance")."""
     config = Config.load("tiny", {**TINY, "training.epochs": 1, "model.heads": ["classification"]})
-    batch = Trainer._batch
+    batch = Trainer.draw_batch
 
     def unknown_classes(self, step):
         out = batch(self, step)
         out["classes"] = {t: torch.full_like(v, -1.0) for t, v in out["classes"].items()}
         return out
 
-    monkeypatch.setattr(Trainer, "_batch", unknown_classes)
+    monkeypatch.setattr(Trainer, "draw_batch", unknown_classes)
     train(synth_dataset, config, tmp_path / "run", progress=False)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history[-1]["step"] == TINY["training.iterations_per_epoch"] and history[-1]["losses"] == {}
@@ -197,11 +197,11 @@ def test_deep_supervision_trains_and_leaves_inference_alone(synth_dataset, tmp_p
     trainer = Trainer(synth_dataset, config, tmp_path / "run", progress=False)
     result = trainer.fit()
     assert math.isfinite(result.best_score)
-    model, batch = trainer.model.train(), trainer._batch(0)
+    model, batch = trainer.model.train(), trainer.draw_batch(0)
     out = model(batch["image"], det_targets=batch["boxes"])
     assert [o.shape[2] for o in [out["segmentation"], *out["segmentation_deep"]]] == [32, 16, 8]
     model.zero_grad()
-    trainer._losses(batch)[0]["segmentation"].backward()  # the loss reads the coarse outputs
+    trainer.step_losses(batch)[0]["segmentation"].backward()  # the loss reads the coarse outputs
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads["segmentation"].deep_outs.parameters())
     with torch.no_grad():
         assert "segmentation_deep" not in model.eval()(batch["image"])
@@ -220,7 +220,7 @@ def test_cpu_training_norms_keep_channels_last_and_checkpoints_load_into_the_bui
     built = build_model(ModelSpec.load(tmp_path / "run" / "model.json"))
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in built.modules())
     load_model_weights(built, load_weights(tmp_path / "run" / "checkpoints" / "last"))
-    image = trainer._batch(0)["image"]
+    image = trainer.draw_batch(0)["image"]
     with torch.no_grad():
         expected, found = built.eval()(image.contiguous()), trainer.model.eval()(image)
     torch.testing.assert_close(found["segmentation"], expected["segmentation"], atol=1e-4, rtol=1e-4)

@@ -128,7 +128,9 @@ class Trainer:
         self._clock = 0.0  # elapsed seconds as read off rank 0's clock at the last step (identical on all ranks)
 
     # ------------------------------------------------------------------ set-up
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Checks the dataset, loads and splits it, builds the model, losses, optimizer and schedule (``fit`` calls it;
+        tools that draw batches or losses outside ``fit`` call it first)."""
         cfg = self.config
         problems = broadcast(check_dataset(self.dataset, progress=self.progress) if self.main else None, self.world)
         if problems:
@@ -299,9 +301,10 @@ class Trainer:
             classification_dropout=cfg.model.classification_dropout, radial_coordinate=cfg.model.radial_coordinate)
 
     # ------------------------------------------------------------------ batches
-    def _batch(self, step: int) -> dict[str, Any]:
+    def draw_batch(self, step: int) -> dict[str, Any]:
+        """The training batch of ``step``: patches drawn and augmented as a function of (seed, step, rank), so each
+        rank of a distributed run draws its own (a distributed sampler for random patches)."""
         cfg = self.config
-        # a distributed sampler for random patches: each rank draws its own, as a function of (seed, step, rank)
         rng = np.random.default_rng([cfg.training.seed, step, self.rank])
         picks = rng.integers(0, len(self.train_samples), size=cfg.training.batch_size)
         images, regions, boxes, fg, classes = [], [], [], [], {t: [] for t in self.model_spec.tasks}
@@ -346,7 +349,8 @@ class Trainer:
         return torch.tensor([-1 if v is None else int(v) for v in values], dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ one step
-    def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def step_losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One forward pass: the unweighted loss of each task, and a zero-weighted tail (see below)."""
         heads = self.model_spec.heads
         with autocast(self.device, self.autocast):
             out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}))
@@ -404,8 +408,9 @@ class Trainer:
                      "encoder_kwargs": {k: v for k, v in spec.encoder_kwargs.items() if k != "weights"}}
             save_plugin(plugin, self.run_dir / "plugins" / f"{task}.safetensors", extra=extra)
 
-    def _restore(self) -> dict[str, Any]:
-        folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
+    def restore_weights(self, folder: str | Path) -> None:
+        """Loads a checkpoint folder's weights into the model being trained (and its EMA copy) and the loss balancer;
+        ``prepare`` first. Optimizer, schedule and RNG states are ``--resume``'s business (``fit``)."""
         weights = load_weights(folder, self.device)
         if self.ema is not None:  # the checkpoint's model is the average; the trained weights are ``train.*``
             load_model_weights(self.ema.module, weights)
@@ -413,6 +418,10 @@ class Trainer:
         else:
             load_model_weights(self.model, weights)
         self.balancer.load_state_dict(_owned_by("balancer.", weights))
+
+    def _restore(self) -> dict[str, Any]:
+        folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
+        self.restore_weights(folder)
         state = load_state(folder)
         if self.ema is not None:
             self.ema.n_averaged.fill_(state["ema_updates"])
@@ -438,7 +447,7 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
         np.random.seed(cfg.training.seed)
         random.seed(cfg.training.seed)
-        self._prepare()
+        self.prepare()
         start_epoch, step, elapsed, history, best = 0, 0, 0.0, [], -math.inf
         if resume:
             state = self._restore()
@@ -473,7 +482,7 @@ class Trainer:
                     # gradient accumulation: DDP synchronises on the last micro-batch only
                     sync = micro + 1 == cfg.training.accumulate or self.world == 1
                     with (contextlib.nullcontext() if sync else self.network.no_sync()):
-                        losses, tail = self._losses(self._batch(step * cfg.training.accumulate + micro))
+                        losses, tail = self.step_losses(self.draw_batch(step * cfg.training.accumulate + micro))
                         # a batch can hold no target for any head (a classification-only model: a patch without
                         # tumour leaves the case's class unknown); it then adds only the zero-weighted tail
                         total = ((self.balancer(losses) if losses else 0.0) + tail) / cfg.training.accumulate
