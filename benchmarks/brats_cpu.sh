@@ -13,7 +13,7 @@ fold=${2:-0}
 config=${3:-brats-cpu}
 run=$work/run
 [ "$fold" = 0 ] || run=$run-fold$fold
-[ "$config" = brats-cpu ] || run=$run-$config
+[ "$config" = brats-cpu ] || run=$run-$(basename "$config" .yaml)  # a name or a YAML path
 source "$(dirname "$0")/brats_fold_runs.sh"
 mkdir -p "$work"
 brats_dataset "$work"

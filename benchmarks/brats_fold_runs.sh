@@ -1,6 +1,7 @@
 # Sourced by the BraTS fold benchmarks (brats_vs_segresnet.sh, brats_candidate_folds.sh, brats_fold1_ab.sh,
 # brats_single_task_heads.sh): how they import the shared sample, train a run for the recipe's 60 minutes at one
 # thread (two runs side by side on 2 cores) and evaluate its final weights on the fold's held-out cases.
+# brats_cpu.sh (one run alone on 2 threads) uses only brats_dataset.
 
 brats_dataset() {  # WORKDIR: the shared BraTS sample imported into WORKDIR/dataset, unless it is there already
   local data
