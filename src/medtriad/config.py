@@ -168,7 +168,8 @@ class InferenceConfig:
             equal sizes along these axes. For models trained with ``data.rotation_planes`` in those planes; like
             mirroring, never during training's validation, not for slice2d models.
         segmentation_threshold: region probability above which a region counts as present when the label map is
-            decoded (see :func:`medtriad.inference.predictor.decode_labels`).
+            decoded (see :func:`medtriad.inference.predictor.decode_labels`): one value for every region, or a
+            mapping from region name to its own value (``{ET: 0.4}``; regions not named keep 0.5).
         largest_components: post-processing of the decoded label map (nnU-Net's "keep the largest foreground
             component"): every foreground label taken together as one object, only the N largest 26-connected
             components are kept and the rest set to background (what MONAI's ``KeepLargestConnectedComponent`` does).
@@ -192,7 +193,7 @@ class InferenceConfig:
     max_detections: int = 20
     mirror_axes: tuple[int, ...] = ()
     permute_axes: tuple[int, ...] = ()
-    segmentation_threshold: float = 0.5
+    segmentation_threshold: float | dict[str, float] = 0.5
     largest_components: int | None = None
     detection_gate: float | None = None
     precision: str = "fp32"
@@ -207,6 +208,12 @@ class InferenceConfig:
         gate = self.detection_gate
         if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1):
             raise ValueError(f"inference.detection_gate must be a box score in [0, 1] or null (off); got {gate!r}")
+        t = self.segmentation_threshold
+        values = list(t.values()) if isinstance(t, dict) else [t]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in values) or (
+                isinstance(t, dict) and not all(isinstance(k, str) for k in t)):
+            raise ValueError(f"inference.segmentation_threshold must be a probability in (0, 1) or a mapping from "
+                             f"region name to one (e.g. {{ET: 0.4}}); got {t!r}")
         axes = list(self.mirror_axes)
         if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
             raise ValueError(f"inference.mirror_axes must be distinct grid axes among 0, 1, 2; got {axes}")

@@ -45,6 +45,37 @@ def test_decode_threshold_moves_each_region_decision_point():
         decode_labels(nested, REGIONS, LABELS, threshold=1.0)
 
 
+def test_decode_threshold_per_region_moves_only_that_region():
+    rng = np.random.default_rng(1)
+    probs = rng.random((3, 12, 12, 6)).astype(np.float32)  # WT, TC, ET
+    base = decode_labels(probs, REGIONS, LABELS)
+    low_et = decode_labels(probs, REGIONS, LABELS, threshold={"ET": 0.3})
+    # a named region with 0.5 is the default; an empty mapping too
+    np.testing.assert_array_equal(decode_labels(probs, REGIONS, LABELS, threshold={"ET": 0.5}), base)
+    np.testing.assert_array_equal(decode_labels(probs, REGIONS, LABELS, threshold={}), base)
+    # a lower ET threshold only turns voxels into enhancing tumour: every other voxel keeps its label
+    changed = low_et != base
+    assert changed.any() and (low_et[changed] == 4).all()
+    # only where ET counts as present at the new threshold (its likelihood ratio p / 0.3 beats (1 - p) / 0.7)
+    assert (probs[2][changed] > 0.3).all()
+    # a lone region under a mapping behaves as the plain threshold
+    single = rng.random((1, 10, 10, 3)).astype(np.float32)
+    np.testing.assert_array_equal(decode_labels(single, {"lesion": [1]}, {"lesion": 1}, {"lesion": 0.7}) == 1,
+                                  single[0] > 0.7)
+    with pytest.raises(ValueError, match="unknown region"):
+        decode_labels(probs, REGIONS, LABELS, threshold={"XT": 0.3})
+    with pytest.raises(ValueError, match="threshold"):
+        decode_labels(probs, REGIONS, LABELS, threshold={"ET": 0.0})
+
+
+def test_inference_config_checks_segmentation_threshold():
+    from medtriad.config import InferenceConfig
+    assert InferenceConfig(segmentation_threshold={"ET": 0.4}).segmentation_threshold == {"ET": 0.4}
+    for bad in (1.5, 0, {"ET": 1.0}, {"ET": "high"}, True):
+        with pytest.raises(ValueError, match="segmentation_threshold"):
+            InferenceConfig(segmentation_threshold=bad)
+
+
 def _blob_model(spec_kwargs=None) -> Predictor:
     """A model whose segmentation output is a fixed function of the FLAIR intensity (bright = tumour), so that
     geometry can be tested without training: logits = 20 * (flair - 1) for every region."""

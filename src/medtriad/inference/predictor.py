@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,26 +351,37 @@ def round_up(sizes: Sequence[int], divisor: int) -> tuple[int, ...]:
 
 
 def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], labels: dict[str, int],
-                  threshold: float = 0.5) -> np.ndarray:
+                  threshold: float | Mapping[str, float] = 0.5) -> np.ndarray:
     """Most probable label per voxel given independent region probabilities.
 
     Each label (background included) implies a membership pattern over the regions (BraTS: edema 2 lies in WT only,
     necrosis 1 in WT and TC, enhancing 4 in all three); the label whose pattern has the highest likelihood under the
     predicted region probabilities wins. For nested regions this reduces to the usual BraTS thresholding cascade.
-    ``threshold`` moves the decision point of every region: memberships are scored as p / t against
+    ``threshold`` moves the decision point of a region: memberships are scored as p / t against
     (1 - p) / (1 - t), so a lone region is present exactly where p > t (0.5: plain likelihood).
 
     Args:
         region_probs: (R, X, Y, Z) probabilities in ``regions`` order.
-        threshold: probability above which a region counts as present, in (0, 1).
+        threshold: probability above which a region counts as present, in (0, 1): one value for every region, or
+            region name -> value (regions not named keep 0.5).
     Returns:
         (X, Y, Z) uint8/int16 label map.
     """
-    if not 0.0 < threshold < 1.0:
+    if isinstance(threshold, Mapping):
+        unknown = set(threshold) - set(regions)
+        if unknown:
+            raise ValueError(f"segmentation threshold for unknown region(s) {sorted(unknown)}; "
+                             f"the model's regions are {list(regions)}")
+        per_region = [float(threshold.get(name, 0.5)) for name in regions]
+    else:
+        per_region = [float(threshold)] * len(regions)
+    if not all(0.0 < t < 1.0 for t in per_region):
         raise ValueError(f"segmentation threshold must lie in (0, 1), got {threshold}")
     eps = 1e-6
-    log_p = (np.log(np.clip(region_probs, eps, 1.0)) - np.log(threshold)).astype(np.float32)
-    log_q = (np.log(np.clip(1.0 - region_probs, eps, 1.0)) - np.log(1.0 - threshold)).astype(np.float32)
+    log_p = [(np.log(np.clip(region_probs[r], eps, 1.0)) - np.log(t)).astype(np.float32)
+             for r, t in enumerate(per_region)]
+    log_q = [(np.log(np.clip(1.0 - region_probs[r], eps, 1.0)) - np.log(1.0 - t)).astype(np.float32)
+             for r, t in enumerate(per_region)]
     values = sorted(set(labels.values()) | {0})
     best = np.full(region_probs.shape[1:], -np.inf, dtype=np.float32)
     out = np.zeros(region_probs.shape[1:], dtype=np.uint8 if max(values) < 256 else np.int16)
