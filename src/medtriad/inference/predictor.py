@@ -99,6 +99,8 @@ class Predictor:
             self.model = channels_last_on_cpu(self.model)
         self.spec: ModelSpec = model.spec
         self.inference = inference or InferenceConfig()
+        if "segmentation" in self.spec.heads:  # a misnamed region fails here, not after the first case's pass
+            region_thresholds(self.inference.segmentation_threshold, self.spec.regions)
         self.heatmaps = heatmaps  # slice2d models: also each task's attention heatmap (same backbone pass)
         # the encoder and heads' forward passes run under this (None for fp32: float32 throughout)
         self._autocast_dtype = autocast_dtype(self.inference.precision, self.device, "inference.precision")
@@ -367,16 +369,7 @@ def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], l
     Returns:
         (X, Y, Z) uint8/int16 label map.
     """
-    if isinstance(threshold, Mapping):
-        unknown = set(threshold) - set(regions)
-        if unknown:
-            raise ValueError(f"segmentation threshold for unknown region(s) {sorted(unknown)}; "
-                             f"the model's regions are {list(regions)}")
-        per_region = [float(threshold.get(name, 0.5)) for name in regions]
-    else:
-        per_region = [float(threshold)] * len(regions)
-    if not all(0.0 < t < 1.0 for t in per_region):
-        raise ValueError(f"segmentation threshold must lie in (0, 1), got {threshold}")
+    per_region = region_thresholds(threshold, regions)
     eps = 1e-6
     log_p = [(np.log(np.clip(region_probs[r], eps, 1.0)) - np.log(t)).astype(np.float32)
              for r, t in enumerate(per_region)]
@@ -390,6 +383,22 @@ def decode_labels(region_probs: np.ndarray, regions: dict[str, Sequence[int]], l
         better = score > best
         out[better], best[better] = value, score[better]
     return out
+
+
+def region_thresholds(threshold: float | Mapping[str, float], regions: Sequence[str]) -> list[float]:
+    """One decision threshold per region, in ``regions`` order, from one value for all or region name -> value
+    (regions not named keep 0.5); a name that is not a region, or a value outside (0, 1), is a ValueError."""
+    if isinstance(threshold, Mapping):
+        unknown = set(threshold) - set(regions)
+        if unknown:
+            raise ValueError(f"segmentation threshold for unknown region(s) {sorted(unknown)}; "
+                             f"the model's regions are {list(regions)}")
+        per_region = [float(threshold.get(name, 0.5)) for name in regions]
+    else:
+        per_region = [float(threshold)] * len(regions)
+    if not all(0.0 < t < 1.0 for t in per_region):
+        raise ValueError(f"segmentation threshold must lie in (0, 1), got {threshold}")
+    return per_region
 
 
 def keep_largest_components(mask: np.ndarray, n: int = 1) -> np.ndarray:
