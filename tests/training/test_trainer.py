@@ -132,6 +132,23 @@ def test_ema_checkpoint_holds_the_average(synth_dataset, tmp_path, monkeypatch):
     assert main(["evaluate", str(run), str(synth_dataset), "--checkpoint", "last", "-q"]) == 0
 
 
+def test_ema_leaves_the_trained_weights_untouched(synth_dataset, tmp_path):
+    """An EMA run's trained weights (`train.*`) are those of the same run without EMA: the average draws no random
+    numbers and feeds nothing back, so one EMA run holds both arms of a paired comparison
+    (benchmarks/ema_trained_copy.py, benchmarks/brats_ema_pair.sh)."""
+    plain = train(synth_dataset, Config.load("tiny", TINY), tmp_path / "plain", progress=False)
+    averaged = train(synth_dataset, Config.load("tiny", {**TINY, "training.ema_decay": 0.5}), tmp_path / "ema",
+                     progress=False)
+    assert plain.epochs_done == averaged.epochs_done == 2
+    a = load_weights(tmp_path / "plain" / "checkpoints" / "last")
+    b = load_weights(tmp_path / "ema" / "checkpoints" / "last")
+    model_keys = [k for k in a if not k.startswith("balancer.")]
+    assert model_keys and all(f"train.{k}" in b for k in model_keys)
+    for key in model_keys:
+        torch.testing.assert_close(b[f"train.{key}"], a[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(b[k], a[k]) for k in model_keys if a[k].is_floating_point())  # the average moved
+
+
 def test_interrupted_checkpoint_swap_keeps_last_good(synth_dataset, tmp_path):
     """A crash between the renames of a checkpoint swap leaves `last.old`; resume and prediction fall back to it."""
     run = tmp_path / "run"

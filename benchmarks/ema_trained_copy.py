@@ -1,0 +1,54 @@
+"""A run trained with weight EMA (``training.ema_decay``) as the run it would have been without it.
+
+An EMA run's checkpoint holds the averaged weights as the model and the trained weights under ``train.*``
+(medtriad.training.trainer). The EMA update draws no random numbers, so the trained weights are an ordinary run of
+the same recipe. This script copies the run folder's metadata (config, split, model spec, history) and one
+checkpoint into OUT with ``train.*`` promoted to the model weights, so that `medtriad evaluate OUT ...` scores the
+trained weights exactly as it scores the EMA ones in RUN: both arms of a paired comparison from one training run.
+
+Usage: python benchmarks/ema_trained_copy.py RUN OUT [--checkpoint last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from medtriad.checkpoint import WEIGHTS, load_weights, resolve_checkpoint
+
+
+def trained_copy(run: Path, out: Path, checkpoint: str = "last") -> Path:
+    """Writes OUT (which must not exist) and returns it."""
+    source = resolve_checkpoint(run / "checkpoints" / checkpoint)
+    weights = load_weights(source)
+    trained = {k.removeprefix("train."): v for k, v in weights.items() if k.startswith("train.")}
+    if not trained:
+        raise SystemExit(f"{source / WEIGHTS}: no train.* weights; was {run} trained with training.ema_decay?")
+    trained.update({k: v for k, v in weights.items() if k.startswith("balancer.")})
+    out.mkdir(parents=True)
+    for name in ("config.yaml", "split.json", "model.json", "history.json"):
+        if (run / name).is_file():
+            shutil.copy2(run / name, out / name)
+    folder = out / "checkpoints" / checkpoint
+    folder.mkdir(parents=True)
+    for item in source.iterdir():  # state, optimizer tensors, model spec: all but the weights, unchanged
+        if item.name != WEIGHTS:
+            shutil.copy2(item, folder / item.name)
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(folder / WEIGHTS))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run folder trained with training.ema_decay")
+    parser.add_argument("out", type=Path, help="new run folder for the trained weights")
+    parser.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    args = parser.parse_args()
+    print(trained_copy(args.run, args.out, args.checkpoint))
+
+
+if __name__ == "__main__":
+    main()
