@@ -1,10 +1,12 @@
-"""A run trained with weight EMA (``training.ema_decay``) as the run it would have been without it.
+"""The trained weights of a run with weight EMA (``training.ema_decay``) as a run folder of their own, for evaluation.
 
 An EMA run's checkpoint holds the averaged weights as the model and the trained weights under ``train.*``
-(medtriad.training.trainer). The EMA update draws no random numbers, so the trained weights are an ordinary run of
-the same recipe. This script copies the run folder's metadata (config, split, model spec, history) and one
+(medtriad.training.trainer). The EMA update draws no random numbers, so for the same steps the trained weights are
+those of a run without EMA (tests/training/test_trainer.py). This script copies the run folder's metadata (config, split, model spec, history) and one
 checkpoint into OUT with ``train.*`` promoted to the model weights, so that `medtriad evaluate OUT ...` scores the
 trained weights exactly as it scores the EMA ones in RUN: both arms of a paired comparison from one training run.
+The copy is for `medtriad evaluate` / `predict` only: its config, state and history are the EMA run's (validation
+scores included), and `train --resume` on it fails.
 
 Usage: python benchmarks/ema_trained_copy.py RUN OUT [--checkpoint last]
 """

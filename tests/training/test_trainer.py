@@ -133,8 +133,8 @@ def test_ema_checkpoint_holds_the_average(synth_dataset, tmp_path, monkeypatch):
 
 
 def test_ema_leaves_the_trained_weights_untouched(synth_dataset, tmp_path):
-    """An EMA run's trained weights (`train.*`) are those of the same run without EMA: the average draws no random
-    numbers and feeds nothing back, so one EMA run holds both arms of a paired comparison
+    """For the same steps, an EMA run's trained weights (`train.*`) are those of a run without EMA: the average draws
+    no random numbers and feeds nothing back, so one EMA run holds both arms of a paired comparison
     (benchmarks/ema_trained_copy.py, benchmarks/brats_ema_pair.sh)."""
     plain = train(synth_dataset, Config.load("tiny", TINY), tmp_path / "plain", progress=False)
     averaged = train(synth_dataset, Config.load("tiny", {**TINY, "training.ema_decay": 0.5}), tmp_path / "ema",
