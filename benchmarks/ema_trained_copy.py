@@ -2,8 +2,8 @@
 
 An EMA run's checkpoint holds the averaged weights as the model and the trained weights under ``train.*``
 (medtriad.training.trainer). The EMA update draws no random numbers, so for the same steps the trained weights are
-those of a run without EMA (tests/training/test_trainer.py). This script copies the run folder's metadata (config, split, model spec, history) and one
-checkpoint into OUT with ``train.*`` promoted to the model weights, so that `medtriad evaluate OUT ...` scores the
+those of a run without EMA (tests/training/test_trainer.py). This script copies the run folder's metadata (config,
+split, model spec, history) and one checkpoint into OUT with ``train.*`` promoted to the model weights, so that `medtriad evaluate OUT ...` scores the
 trained weights exactly as it scores the EMA ones in RUN: both arms of a paired comparison from one training run.
 The copy is for `medtriad evaluate` / `predict` only: its config, state and history are the EMA run's (validation
 scores included), and `train --resume` on it fails.
