@@ -3,8 +3,9 @@
 An EMA run's checkpoint holds the averaged weights as the model and the trained weights under ``train.*``
 (medtriad.training.trainer). The EMA update draws no random numbers, so for the same steps the trained weights are
 those of a run without EMA (tests/training/test_trainer.py). This script copies the run folder's metadata (config,
-split, model spec, history) and one checkpoint into OUT with ``train.*`` promoted to the model weights, so that `medtriad evaluate OUT ...` scores the
-trained weights exactly as it scores the EMA ones in RUN: both arms of a paired comparison from one training run.
+split, model spec, history) and one checkpoint into OUT with ``train.*`` promoted to the model weights, so that
+`medtriad evaluate OUT ...` scores the trained weights exactly as it scores the EMA ones in RUN: both arms of a
+paired comparison from one training run.
 The copy is for `medtriad evaluate` / `predict` only: its config, state and history are the EMA run's (validation
 scores included), and `train --resume` on it fails.
 
@@ -19,14 +20,14 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from medtriad.checkpoint import WEIGHTS, load_weights, resolve_checkpoint
+from medtriad.checkpoint import WEIGHTS, load_weights, owned_by, resolve_checkpoint
 
 
 def trained_copy(run: Path, out: Path, checkpoint: str = "last") -> Path:
     """Writes OUT (which must not exist) and returns it."""
     source = resolve_checkpoint(run / "checkpoints" / checkpoint)
     weights = load_weights(source)
-    trained = {k.removeprefix("train."): v for k, v in weights.items() if k.startswith("train.")}
+    trained = owned_by("train.", weights)
     if not trained:
         raise SystemExit(f"{source / WEIGHTS}: no train.* weights; was {run} trained with training.ema_decay?")
     trained.update({k: v for k, v in weights.items() if k.startswith("balancer.")})

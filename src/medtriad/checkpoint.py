@@ -89,6 +89,12 @@ def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
     return load_file(str(resolve_checkpoint(folder) / WEIGHTS), device=str(device))
 
 
+def owned_by(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a checkpoint's weights stored under ``prefix`` (``balancer.``, an EMA run's ``train.``), with
+    the prefix taken off."""
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def load_state(folder: str | Path) -> dict[str, Any]:
     folder = resolve_checkpoint(folder)
     tensors = load_file(str(folder / TENSORS)) if (folder / TENSORS).is_file() else {}

@@ -100,13 +100,13 @@ def _blob_model(spec_kwargs=None) -> Predictor:
     return Predictor(model, InferenceConfig(roi_size=None), "cpu")
 
 
-
 def test_predictor_rejects_a_threshold_for_an_unknown_region_before_predicting():
     predictor = _blob_model()
     with pytest.raises(ValueError, match="unknown region"):
         Predictor(predictor.model, InferenceConfig(segmentation_threshold={"XT": 0.4}), "cpu")
     assert Predictor(predictor.model, InferenceConfig(segmentation_threshold={"ET": 0.4}), "cpu").inference \
         .segmentation_threshold == {"ET": 0.4}
+
 
 def _scan(shape=(30, 26, 20)):
     flair = np.full(shape, 1.0, dtype=np.float32)

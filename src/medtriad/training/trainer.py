@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from medtriad.checkpoint import load_state, load_weights, resolve_checkpoint, save_checkpoint
+from medtriad.checkpoint import load_state, load_weights, owned_by, resolve_checkpoint, save_checkpoint
 from medtriad.config import Config
 from medtriad.data.boxes import boxes_from_instances
 from medtriad.data.check import check_dataset, format_problems
@@ -414,10 +414,10 @@ class Trainer:
         weights = load_weights(folder, self.device)
         if self.ema is not None:  # the checkpoint's model is the average; the trained weights are ``train.*``
             load_model_weights(self.ema.module, weights)
-            load_model_weights(self.model, _owned_by("train.", weights))
+            load_model_weights(self.model, owned_by("train.", weights))
         else:
             load_model_weights(self.model, weights)
-        self.balancer.load_state_dict(_owned_by("balancer.", weights))
+        self.balancer.load_state_dict(owned_by("balancer.", weights))
 
     def _restore(self) -> dict[str, Any]:
         folder = resolve_checkpoint(self.run_dir / "checkpoints" / "last")
@@ -550,11 +550,6 @@ class Trainer:
             if last_epoch:
                 break
         return TrainResult(self.run_dir, best, epoch + 1, summary)
-
-
-def _owned_by(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of a checkpoint's weights stored under ``prefix``, with the prefix taken off."""
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def _finite_mean(values: list[float]) -> float:
