@@ -1,8 +1,10 @@
 """The training loop end to end: real BraTS cases (import -> check -> train -> evaluate), resume, refusals."""
 
+import importlib.util
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +149,19 @@ def test_ema_leaves_the_trained_weights_untouched(synth_dataset, tmp_path):
     for key in model_keys:
         torch.testing.assert_close(b[f"train.{key}"], a[key], rtol=0, atol=0, msg=key)
     assert any(not torch.equal(b[k], a[k]) for k in model_keys if a[k].is_floating_point())  # the average moved
+    # benchmarks/ema_trained_copy.py turns them into a run of their own: the plain run's weights, evaluable
+    script = Path(__file__).parents[2] / "benchmarks" / "ema_trained_copy.py"
+    module_spec = importlib.util.spec_from_file_location("ema_trained_copy", script)
+    copier = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(copier)
+    copy = copier.trained_copy(tmp_path / "ema", tmp_path / "ema-trained")
+    c = load_weights(copy / "checkpoints" / "last")
+    assert c.keys() == a.keys()
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=0, atol=0, msg=key)
+    assert main(["evaluate", str(copy), str(synth_dataset), "--checkpoint", "last", "-q"]) == 0
+    with pytest.raises(SystemExit, match="no train"):  # a run without EMA has no trained weights to copy
+        copier.trained_copy(tmp_path / "plain", tmp_path / "plain-trained")
 
 
 def test_interrupted_checkpoint_swap_keeps_last_good(synth_dataset, tmp_path):
