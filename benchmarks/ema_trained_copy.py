@@ -31,6 +31,8 @@ def trained_copy(run: Path, out: Path, checkpoint: str = "last") -> Path:
     if not trained:
         raise SystemExit(f"{source / WEIGHTS}: no train.* weights; was {run} trained with training.ema_decay?")
     trained.update({k: v for k, v in weights.items() if k.startswith("balancer.")})
+    if out.exists():
+        raise SystemExit(f"{out} exists: give a new folder for the copy")
     out.mkdir(parents=True)
     for name in ("config.yaml", "split.json", "model.json", "history.json"):
         if (run / name).is_file():

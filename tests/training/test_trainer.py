@@ -160,6 +160,8 @@ def test_ema_leaves_the_trained_weights_untouched(synth_dataset, tmp_path):
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=0, atol=0, msg=key)
     assert main(["evaluate", str(copy), str(synth_dataset), "--checkpoint", "last", "-q"]) == 0
+    with pytest.raises(SystemExit, match="exists"):  # never written over
+        copier.trained_copy(tmp_path / "ema", copy)
     with pytest.raises(SystemExit, match="no train"):  # a run without EMA has no trained weights to copy
         copier.trained_copy(tmp_path / "plain", tmp_path / "plain-trained")
 
