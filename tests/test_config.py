@@ -48,7 +48,7 @@ def test_bad_mirror_axes_fail_when_the_config_is_read():
 
 def test_bad_ema_decay_and_zoom_prob_fail_when_the_config_is_read():
     assert Config.load("tiny", {"training.ema_decay": 0.99}).training.ema_decay == 0.99
-    for bad in (1.0, -0.1):
+    for bad in (1.0, -0.1, None, True, "0.9"):  # None: `--set training.ema_decay=null` (was a TypeError)
         with pytest.raises(ValueError, match="ema_decay"):
             Config.load("tiny", {"training.ema_decay": bad})
     assert Config.load("medmnist-cnn").data.zoom_prob == 0.0

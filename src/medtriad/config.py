@@ -141,8 +141,9 @@ class TrainingConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"training.ema_decay must be in [0, 1), got {self.ema_decay}")
+        d = self.ema_decay  # a number: `--set training.ema_decay=null` is refused here, not by a TypeError later
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"training.ema_decay must be a number in [0, 1) (0 = off), got {d!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
