@@ -141,9 +141,8 @@ class TrainingConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        d = self.ema_decay  # a number: `--set training.ema_decay=null` is refused here, not by a TypeError later
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
-            raise ValueError(f"training.ema_decay must be a number in [0, 1) (0 = off), got {d!r}")
+        if not 0.0 <= self.ema_decay < 1.0:  # its type is checked when the config is read (_check_scalar_type)
+            raise ValueError(f"training.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -296,10 +295,29 @@ def _build(section_cls: type, raw: dict[str, Any], section: str) -> Any:
     values = {}
     for name, value in raw.items():
         default = getattr(section_cls(), name)
+        _check_scalar_type(value, default, f"{section}.{name}")
         if isinstance(default, tuple) or (default is None and isinstance(value, list)):
             value = tuple(value) if value is not None else None
         values[name] = value
     return section_cls(**values)
+
+
+def _check_scalar_type(value: Any, default: Any, key: str) -> None:
+    """A setting whose default is a bool, a number or a string takes a value of that kind (an int where a float is
+    expected): `--set training.max_minutes=null` or `training.batch_size=abc` is refused here, naming the key, instead
+    of failing later inside a library. Settings whose default is None, a tuple or a dict are checked by their section."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{key} must be {kind}, got {value!r}")
 
 
 def _plain(obj: Any) -> Any:
