@@ -25,14 +25,14 @@ from medtriad.checkpoint import WEIGHTS, load_weights, owned_by, resolve_checkpo
 
 def trained_copy(run: Path, out: Path, checkpoint: str = "last") -> Path:
     """Writes OUT (which must not exist) and returns it."""
+    if out.exists():
+        raise SystemExit(f"{out} exists: give a new folder for the copy")
     source = resolve_checkpoint(run / "checkpoints" / checkpoint)
     weights = load_weights(source)
     trained = owned_by("train.", weights)
     if not trained:
         raise SystemExit(f"{source / WEIGHTS}: no train.* weights; was {run} trained with training.ema_decay?")
     trained.update({k: v for k, v in weights.items() if k.startswith("balancer.")})
-    if out.exists():
-        raise SystemExit(f"{out} exists: give a new folder for the copy")
     out.mkdir(parents=True)
     for name in ("config.yaml", "split.json", "model.json", "history.json"):
         if (run / name).is_file():

@@ -71,7 +71,8 @@ def test_a_setting_of_the_wrong_kind_is_refused_naming_its_key():
     # each of these failed later with a TypeError or a numpy error from deep inside training
     for key, bad, kind in [("training.max_minutes", None, "a number"), ("training.learning_rate", "fast", "a number"),
                            ("training.batch_size", "abc", "an integer"), ("training.batch_size", 2.5, "an integer"),
-                           ("training.epochs", True, "an integer"), ("training.precision", 16, "a string")]:
+                           ("training.epochs", True, "an integer"), ("training.precision", 16, "a string"),
+                           ("model.radial_coordinate", "yes", "true or false")]:
         with pytest.raises(ValueError, match=f"{key} must be {kind}"):
             Config.load("tiny", {key: bad})
     cfg = Config.load("tiny", {"training.max_minutes": 5, "training.learning_rate": 1e-3})  # an int where a float is

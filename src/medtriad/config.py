@@ -97,8 +97,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.classification_dropout < 1.0:
             raise ValueError(f"model.classification_dropout must lie in [0, 1), got {self.classification_dropout}")
-        if not isinstance(self.radial_coordinate, bool):
-            raise ValueError(f"model.radial_coordinate must be true or false, got {self.radial_coordinate!r}")
         if self.radial_coordinate and self.encoder == "slice2d":
             raise ValueError("model.radial_coordinate is for the 3D encoders; slice2d reads its slices as images")
 
