@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="val: the run's validation cases; all: every case; test (or any "
                    "name in the dataset's splits.json): that official split")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="best: the epoch with the best validation score; last: the final weights")
+                   help="best: the epoch with the best validation score (optimistic when scored on those same "
+                   "validation cases: evaluate warns); last: the final weights")
     p.add_argument("-o", "--output", default=None, help="folder for per_case.csv and summary.json (default "
                    "RUN/evaluation_<split>[_last])")
     p.add_argument("--cross-validation", action="store_true", help="the runs are folds of one cross-validation: "

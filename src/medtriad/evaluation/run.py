@@ -4,6 +4,7 @@ dataset, or every case; or score the folds of a cross-validation together, each 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,25 @@ def _validation_cases(cases: list[Case], wanted: set[str], run: Path) -> list[Ca
     return [c for c in cases if c.case_id in wanted]
 
 
+def validated_epochs(run: Path) -> int:
+    """How many epochs of ``run`` were scored on its validation cases (from its ``history.json``; 0 without one)."""
+    history = run / "history.json"
+    return sum(1 for r in json.loads(history.read_text()) if r.get("validation")) if history.is_file() else 0
+
+
+def chosen_on_these_cases(runs: Sequence[Path], checkpoint: str) -> bool:
+    """Whether scoring ``checkpoint`` of ``runs`` on their validation cases is optimistic: the best checkpoint was
+    picked among several validated epochs by its score on those very cases. Warns, naming the way out."""
+    counts = {r: validated_epochs(r) for r in runs}
+    picked = [r for r, n in counts.items() if n >= 2]
+    if checkpoint != "best" or not picked:
+        return False
+    warnings.warn(f"{picked[0]}: the best checkpoint was picked among {counts[picked[0]]} validated epochs by its "
+                  f"score on these same validation cases, so these metrics are optimistic; --checkpoint last scores "
+                  f"the final weights", stacklevel=2)
+    return True
+
+
 def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: str = "val", device: str | None = None,
                  output: str | Path | None = None, checkpoint: str = "best",
                  progress: bool = True, inference: dict | None = None) -> tuple[Path, dict[str, Any]]:
@@ -84,9 +104,13 @@ def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: s
                                                        inference=inference)
     spec, cases = load_dataset(dataset)
     cases = split_cases(runs, cases, split, Path(dataset))
+    chosen = chosen_on_these_cases(runs, checkpoint) if split == "val" else None  # warned before the long part
     samples = (load_sample(c, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)
                for c in tqdm(cases, desc=f"evaluate {split}", unit="case", disable=not progress))
     rows, summary, _ = evaluate_samples(predictor, samples)
+    summary["checkpoint"] = checkpoint
+    if chosen is not None:
+        summary["checkpoint_chosen_on_these_cases"] = chosen
     out = Path(output) if output else runs[0] / (f"evaluation_{split}" + ("_last" if checkpoint == "last" else ""))
     write_results(out, rows, summary)
     return out, summary
@@ -128,6 +152,7 @@ def evaluate_cross_validation(runs: Sequence[str | Path], dataset: Path, output:
     runs = run_folders(runs)
     spec, cases = load_dataset(dataset)
     folds = cross_validation_folds(runs, cases)
+    chosen = chosen_on_these_cases(runs, checkpoint)
     missing = [str(r / "model.json") for r in runs if not (r / "model.json").is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} not found: a cross-validation takes run folders")
@@ -148,7 +173,8 @@ def evaluate_cross_validation(runs: Sequence[str | Path], dataset: Path, output:
     held_out = {c.case_id for _, fold_cases in folds for c in fold_cases}
     summary["cross_validation"] = {
         "runs": [str(r) for r in runs], "folds": [f for f, _ in folds], "cases_per_fold": [len(c) for _, c in folds],
-        "checkpoint": checkpoint, "cases_not_held_out": sorted(c.case_id for c in cases if c.case_id not in held_out)}
+        "checkpoint": checkpoint, "checkpoint_chosen_on_these_cases": chosen,
+        "cases_not_held_out": sorted(c.case_id for c in cases if c.case_id not in held_out)}
     out = Path(output)
     write_results(out, rows, summary)
     return out, summary
