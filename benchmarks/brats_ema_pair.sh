@@ -8,6 +8,8 @@
 # Usage: bash benchmarks/brats_ema_pair.sh WORKDIR DECAY FOLD FOLD
 #   results in WORKDIR/ema/E{FOLD} and WORKDIR/ema/T{FOLD} ({evaluation_val_last,eval_mirrored}/summary.json) and a
 #   table on stdout.
+#   MINUTES=N (environment) trains for N minutes instead of the recipe's 60: a quick check that the script runs end
+#   to end, not a measurement.
 set -euo pipefail
 work=${1:?WORKDIR}
 decay=${2:?DECAY}
@@ -19,9 +21,12 @@ source "$here/brats_fold_runs.sh"
 brats_dataset "$work"
 out="$work/ema"
 mkdir -p "$out"
+budget=()
+[ -z "${MINUTES:-}" ] || budget=(--set "training.max_minutes=$MINUTES")
 pids=()
 for fold in "${folds[@]}"; do
-  train_one_thread "$work/dataset" brats-cpu "$out/E$fold" "$fold" --set "training.ema_decay=$decay" &
+  train_one_thread "$work/dataset" brats-cpu "$out/E$fold" "$fold" --set "training.ema_decay=$decay" \
+      ${budget[@]+"${budget[@]}"} &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run stops the script (a bare `wait` would not)
