@@ -5,7 +5,7 @@
     medtriad findings DATASET            add the multi-label BraTS findings task (from the label maps)
     medtriad check DATASET               integrity check, every problem named with case and file
     medtriad train DATASET -c CONFIG -o RUN [--fold K] [--resume]
-    medtriad evaluate RUN [RUN...] DATASET [--split val|all|test] [-o OUT]     several runs: their ensemble
+    medtriad evaluate RUN [RUN...] DATASET [--split val|all|test] [--checkpoint best|last] [-o OUT]   several: ensemble
     medtriad evaluate RUN_FOLD0 RUN_FOLD1 ... DATASET --cross-validation -o OUT    out-of-fold metrics over all folds
     medtriad predict -m RUN [RUN...] -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -289,13 +290,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warning_format(command: str, default):
+    """``warnings.formatwarning`` for the command line: medtriad's own warnings as one line, ``medtriad COMMAND:
+    warning: ...`` like its errors (not a file path, line number and source line); other libraries' as ``default``."""
+    package = Path(__file__).resolve().parent
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if package in Path(filename).resolve().parents:
+            return f"medtriad {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    default = warnings.formatwarning
+    warnings.formatwarning = warning_format(args.command, default)
     try:
         return args.func(args)
     except (CaseFileError, ValueError, FileNotFoundError) as error:
         print(f"medtriad {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """`medtriad evaluate --split val` of the best checkpoint, picked among several validated epochs by its score on
-those same cases, is optimistic: it warns, names the way out, and says so in summary.json; the final weights, or a
-run validated only once, do not."""
+those same cases, is optimistic: it warns (on the command line as one line, like its errors), names the way out, and
+says so in summary.json; the final weights, or a run validated only once, do not."""
 
 import json
 import shutil
+import sys
 import warnings
 
 import pytest
 
+from medtriad.cli import main, warning_format
 from medtriad.config import Config
 from medtriad.evaluation.run import evaluate_run
 from medtriad.training.trainer import train
@@ -53,3 +55,19 @@ def test_a_run_validated_once_had_nothing_to_choose_from(synth_dataset, run_vali
         _, summary = evaluate_run(once, synth_dataset, split="val", output=tmp_path / "eval", progress=False)
     assert not [w for w in caught if "optimistic" in str(w.message)]
     assert summary["checkpoint_chosen_on_these_cases"] is False
+
+
+def test_the_command_line_prints_the_warning_as_one_line(synth_dataset, run_validated_twice, tmp_path, capsys):
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's own display, outside pytest's
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        assert main(["evaluate", str(run_validated_twice), str(synth_dataset), "-o", str(tmp_path / "e"), "-q"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "optimistic" in x)
+    assert line.startswith("medtriad evaluate: warning: ") and "run.py" not in err
+    # another library's warning keeps Python's format (its file and line)
+    assert warning_format("evaluate", warnings.formatwarning)("x", UserWarning, warnings.__file__, 7).startswith(
+        f"{warnings.__file__}:7: UserWarning: x")
