@@ -9,6 +9,7 @@
 #   (no spaces inside one KEY=VALUE); results in WORKDIR/fold1-TAG/{A,B}/eval_mirrored/summary.json.
 #   With a second set of overrides the two candidates train side by side instead, as arms B and C (no A: compare
 #   them with an A trained the same way in the same session).
+#   FOLD=K runs the pair on another fold (default 1), in WORKDIR/foldK-TAG.
 set -euo pipefail
 work=${1:?WORKDIR}
 tag=${2:?TAG}
@@ -16,14 +17,15 @@ sets_b=${3:?overrides}
 sets_c=${4-}
 source "$(dirname "$0")/brats_fold_runs.sh"
 brats_dataset "$work"
-out="$work/fold1-$tag"
+fold=${FOLD:-1}
+out="$work/fold$fold-$tag"
 mkdir -p "$out"
 declare -A arm_sets=([A]="" [B]="$sets_b")
 arms="A B"
 if [ -n "$sets_c" ]; then arm_sets[C]=$sets_c; arms="B C"; fi
 for arm in $arms; do
   overrides_to_sets "${arm_sets[$arm]}"
-  train_one_thread "$work/dataset" brats-cpu "$out/$arm" 1 ${SETS[@]+"${SETS[@]}"} &
+  train_one_thread "$work/dataset" brats-cpu "$out/$arm" "$fold" ${SETS[@]+"${SETS[@]}"} &
 done
 wait
 for arm in $arms; do

@@ -36,6 +36,9 @@ class DataConfig:
             orientations of a cube (with the flips: the full symmetry group, for data without a preferred
             orientation such as vessel segments); the patch must be square in each plane named. ``null`` (default):
             the x-y plane where the patch is square there, else none.
+        intensity_augmentation: ``light`` (default: one scale and shift for all channels, noise) or ``strong``
+            (adds nnU-Net's per-channel brightness, contrast and gamma, blur, and a bias field;
+            :func:`medtriad.data.transforms.intensity_transforms`).
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -45,8 +48,12 @@ class DataConfig:
     normalization: str = "nonzero"
     zoom_prob: float = 0.3
     rotation_planes: list[list[int]] | None = None
+    intensity_augmentation: str = "light"
 
     def __post_init__(self) -> None:
+        if self.intensity_augmentation not in ("light", "strong"):
+            raise ValueError(f"data.intensity_augmentation must be 'light' or 'strong', got "
+                             f"{self.intensity_augmentation!r}")
         if not 0.0 <= self.zoom_prob <= 1.0:  # MONAI would clip it silently
             raise ValueError(f"data.zoom_prob must be a probability in [0, 1], got {self.zoom_prob}")
         for plane in self.rotation_planes or []:

@@ -77,3 +77,38 @@ def test_patches_are_plain_tensors_and_metadata_tracking_is_restored():
             assert type(out[key]) is torch.Tensor
             assert isinstance(reference[key], MetaTensor)
             torch.testing.assert_close(out[key], reference[key].as_tensor())
+
+
+def test_strong_intensity_augmentation_perturbs_each_channel_on_its_own():
+    """``data.intensity_augmentation: strong`` draws brightness, contrast and gamma for each channel on its own (the
+    light profile scales all channels together: every channel's ratio to its input is the same); the masks are
+    untouched, a zero-filled (missing) channel stays zero under the added transforms (the light profile's shift and
+    noise move it), and a seed gives the same patch again."""
+    from medtriad.data.transforms import intensity_transforms
+    from monai.transforms import Compose
+
+    torch.manual_seed(0)
+    base = torch.randn(1, 16, 16, 16)
+    image = torch.cat([base, base, base, torch.zeros_like(base)])  # three identical channels and a missing one
+    regions = (base > 1).to(torch.uint8)
+
+    def draws(kind: str) -> list[dict]:
+        chain = Compose([t for t in intensity_transforms(kind) if not any(
+            name in type(t).__name__ for name in ("Noise", "Shift"))])
+        out = []
+        for seed in range(40):
+            chain.set_random_state(seed=seed)
+            out.append(chain({"image": image.clone(), "regions": regions.clone()}))
+        return out
+
+    strong, light = draws("strong"), draws("light")
+    differ = lambda d: not torch.allclose(d["image"][0], d["image"][1], atol=1e-5)  # noqa: E731
+    assert sum(differ(d) for d in strong) >= 10
+    assert not any(differ(d) for d in light)
+    for d in strong:
+        assert torch.equal(d["regions"], regions)
+        assert float(d["image"][3].abs().max()) == 0.0
+    again = draws("strong")
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(strong, again))
+    with pytest.raises(ValueError, match="light"):
+        intensity_transforms("heavy")

@@ -25,12 +25,18 @@ import torch.nn.functional as F
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
+    MapTransform,
     NormalizeIntensity,
+    RandAdjustContrast,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandomizableTransform,
     RandRotate90d,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandZoomd,
 )
@@ -245,13 +251,72 @@ class PlainCompose(Compose):
             set_track_meta(tracking)
 
 
+class PerChannel(RandomizableTransform, MapTransform):
+    """Apply a random array transform to each channel of ``keys`` on its own, with its own random draw.
+
+    For MONAI intensity transforms that have no ``channel_wise`` switch (``RandAdjustContrast``: one gamma and one
+    min/max over all channels), so each contrast of a case is perturbed independently, as nnU-Net's
+    ``synchronize_channels=False`` does.
+    """
+
+    def __init__(self, keys, transform: RandomizableTransform) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.transform = transform
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = torch.cat([torch.as_tensor(self.transform(channel[None])) for channel in d[key]])
+        return d
+
+
+INTENSITY_AUGMENTATIONS = ("light", "strong")
+
+
+def intensity_transforms(kind: str = "light") -> list:
+    """The intensity augmentation of training patches (key ``image``, z-scored channels).
+
+    ``light``: one random scale and one random shift for all channels (each p = 0.5, +-15 %), Gaussian noise
+    (p = 0.15). ``strong`` adds nnU-Net's per-channel intensity augmentation in MONAI's transforms: brightness
+    (x0.75-1.25) and contrast about the mean (x0.75-1.25), each p = 0.15 per channel set; gamma 0.7-1.5 with the
+    channel's mean and std kept (p = 0.3, drawn for each channel on its own); Gaussian blur (sigma 0.5-1 voxel,
+    p = 0.2); and MONAI's smooth multiplicative bias field (degree 3, p = 0.2), for scanners whose intensity drifts
+    across the head. Zero-filled (missing) channels stay zero under all of them but the noise.
+    """
+    if kind not in INTENSITY_AUGMENTATIONS:
+        raise ValueError(f"intensity augmentation must be one of {INTENSITY_AUGMENTATIONS}, got {kind!r}")
+    light = [
+        RandScaleIntensityd("image", factors=0.15, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.15, prob=0.5),
+        RandGaussianNoised("image", prob=0.15, std=0.05),
+    ]
+    if kind == "light":
+        return light
+    return [
+        RandScaleIntensityd("image", factors=0.25, prob=0.15, channel_wise=True),
+        RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True, channel_wise=True),
+        PerChannel("image", RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5), retain_stats=True)),
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+        RandBiasFieldd("image", degree=3, coeff_range=(0.0, 0.1), prob=0.2),
+        *light,
+    ]
+
+
 def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom_prob: float,
-                        rotation_planes: Sequence[Sequence[int]] | None = None) -> PlainCompose:
+                        rotation_planes: Sequence[Sequence[int]] | None = None,
+                        intensity: str = "light") -> PlainCompose:
     """Patch sampling and augmentation over keys ``image``, ``regions``, ``instances``.
 
     ``zoom_prob`` is the chance of a random zoom (0.85-1.15) per patch; 0 switches scaling off, for data whose
     object size is the signal. ``rotation_planes``: the axis pairs of random 90-degree rotations (each applied with
     probability 0.5, k in 1..3); None: the x-y plane when the patch is square there (so it keeps its shape), else none.
+    ``intensity``: the intensity augmentation, ``light`` or ``strong`` (:func:`intensity_transforms`).
 
     Expects ``foreground`` (1, X, Y, Z) for the positive/negative crop and a volume at least ``patch_size`` large
     (see :func:`pad_to`).
@@ -273,12 +338,7 @@ def training_transforms(patch_size: Sequence[int], foreground_ratio: float, zoom
             raise ValueError(f"a 90-degree rotation in plane {tuple(plane)} needs a patch square in it, "
                              f"got {patch_size}")
     spatial[4:4] = [RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=tuple(plane)) for plane in rotation_planes]
-    intensity = [
-        RandScaleIntensityd("image", factors=0.15, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.15, prob=0.5),
-        RandGaussianNoised("image", prob=0.15, std=0.05),
-    ]
-    return PlainCompose(spatial + intensity)
+    return PlainCompose(spatial + intensity_transforms(intensity))
 
 
 def pad_to(array: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -183,7 +183,7 @@ class Trainer:
             missing = [s.case_id for s in self.train_samples if s.regions is None]
             raise DatasetInvalidError(f"segmentation training needs a label file for every case; missing: {missing}")
         self.transforms = training_transforms(cfg.data.patch_size, cfg.data.foreground_ratio, cfg.data.zoom_prob,
-                                              cfg.data.rotation_planes)
+                                              cfg.data.rotation_planes, cfg.data.intensity_augmentation)
         self.seg_loss = deep_supervision_loss(1 + self.model_spec.segmentation.get("deep_supervision", 0))
         self.cls_loss = ClassificationLoss({t: (v["kind"], ModelSpec.task_outputs(v))
                                             for t, v in self.model_spec.tasks.items()})
