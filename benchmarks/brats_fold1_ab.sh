@@ -9,7 +9,8 @@
 #   (no spaces inside one KEY=VALUE); results in WORKDIR/fold1-TAG/{A,B}/eval_mirrored/summary.json.
 #   With a second set of overrides the two candidates train side by side instead, as arms B and C (no A: compare
 #   them with an A trained the same way in the same session).
-#   FOLD=K runs the pair on another fold (default 1), in WORKDIR/foldK-TAG.
+#   FOLD=K runs the pair on another fold (default 1; fold 0 is the benchmark's own, use it only where a rule says
+#   so), in WORKDIR/foldK-TAG instead of WORKDIR/fold1-TAG.
 set -euo pipefail
 work=${1:?WORKDIR}
 tag=${2:?TAG}
@@ -19,6 +20,7 @@ source "$(dirname "$0")/brats_fold_runs.sh"
 brats_dataset "$work"
 fold=${FOLD:-1}
 out="$work/fold$fold-$tag"
+echo "fold $fold: $out"
 mkdir -p "$out"
 declare -A arm_sets=([A]="" [B]="$sets_b")
 arms="A B"

@@ -55,6 +55,9 @@ def test_bad_ema_decay_and_zoom_prob_fail_when_the_config_is_read():
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match="zoom_prob"):
             Config.load("tiny", {"data.zoom_prob": bad})
+    assert Config.load("tiny", {"data.intensity_augmentation": "strong"}).data.intensity_augmentation == "strong"
+    with pytest.raises(ValueError, match="intensity_augmentation"):
+        Config.load("tiny", {"data.intensity_augmentation": "heavy"})
     planes = [[0, 1], [0, 2], [1, 2]]
     assert Config.load("tiny", {"data.rotation_planes": planes}).data.rotation_planes == tuple(planes)
     for bad in ([[0, 0]], [[0, 3]], [0, 1], [[0, 1, 2]]):

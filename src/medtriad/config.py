@@ -18,6 +18,8 @@ import yaml
 from medtriad.io import atomic_write_text
 from medtriad.precision import PRECISIONS
 
+INTENSITY_AUGMENTATIONS = ("light", "strong")  # medtriad.data.transforms.intensity_transforms
+
 
 @dataclass
 class DataConfig:
@@ -37,7 +39,7 @@ class DataConfig:
             orientation such as vessel segments); the patch must be square in each plane named. ``null`` (default):
             the x-y plane where the patch is square there, else none.
         intensity_augmentation: ``light`` (default: one scale and shift for all channels, noise) or ``strong``
-            (adds nnU-Net's per-channel brightness, contrast and gamma, blur, and a bias field;
+            (adds nnU-Net-like per-channel brightness, contrast, low resolution, gamma and blur, and a bias field;
             :func:`medtriad.data.transforms.intensity_transforms`).
     """
 
@@ -51,8 +53,8 @@ class DataConfig:
     intensity_augmentation: str = "light"
 
     def __post_init__(self) -> None:
-        if self.intensity_augmentation not in ("light", "strong"):
-            raise ValueError(f"data.intensity_augmentation must be 'light' or 'strong', got "
+        if self.intensity_augmentation not in INTENSITY_AUGMENTATIONS:
+            raise ValueError(f"data.intensity_augmentation must be one of {INTENSITY_AUGMENTATIONS}, got "
                              f"{self.intensity_augmentation!r}")
         if not 0.0 <= self.zoom_prob <= 1.0:  # MONAI would clip it silently
             raise ValueError(f"data.zoom_prob must be a probability in [0, 1], got {self.zoom_prob}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medtriad.data.transforms import training_transforms
+from medtriad.data.transforms import PlainCompose, training_transforms
 
 
 def _augmented(zoom_prob: float, n: int = 24, rotation_planes=None) -> list[torch.Tensor]:
@@ -79,36 +79,71 @@ def test_patches_are_plain_tensors_and_metadata_tracking_is_restored():
             torch.testing.assert_close(out[key], reference[key].as_tensor())
 
 
-def test_strong_intensity_augmentation_perturbs_each_channel_on_its_own():
-    """``data.intensity_augmentation: strong`` draws brightness, contrast and gamma for each channel on its own (the
-    light profile scales all channels together: every channel's ratio to its input is the same); the masks are
-    untouched, a zero-filled (missing) channel stays zero under the added transforms (the light profile's shift and
-    noise move it), and a seed gives the same patch again."""
-    from medtriad.data.transforms import intensity_transforms
-    from monai.transforms import Compose
 
+def test_per_channel_draws_each_channel_on_its_own():
+    """``PerChannel`` gives each channel its own gamma (MONAI's ``RandAdjustContrast`` alone draws one for all), and
+    a seed gives the same draws again."""
+    from monai.transforms import RandAdjustContrast, RandAdjustContrastd
+
+    from medtriad.data.transforms import PerChannel
+
+    base = torch.rand(1, 8, 8, 8) + 0.1
+    image = torch.cat([base, base, base])
+    wrapped = PerChannel("image", RandAdjustContrast(prob=1.0, gamma=(0.5, 2.0)))
+    shared = RandAdjustContrastd("image", prob=1.0, gamma=(0.5, 2.0))
+    for seed in range(5):
+        for t in (wrapped, shared):
+            t.set_random_state(seed=seed)
+        out, same = wrapped({"image": image})["image"], shared({"image": image})["image"]
+        assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+        assert torch.allclose(same[0], same[1]) and torch.allclose(same[1], same[2])
+        wrapped.set_random_state(seed=seed)
+        assert torch.equal(wrapped({"image": image})["image"], out)
+    never = PerChannel("image", RandAdjustContrast(prob=1.0, gamma=(0.5, 2.0)), prob=0.0)
+    assert torch.equal(never({"image": image})["image"], image)
+
+
+def test_strong_intensity_augmentation_keeps_masks_and_background():
+    """``data.intensity_augmentation: strong`` in the training transforms: the patch's masks are those of the light
+    profile with the same seed (intensity never moves a voxel), the three identical channels come out different in
+    most patches (the light profile scales them together: never), and the background and a zero-filled (missing)
+    channel stay zero, noise and shift included, as at inference."""
     torch.manual_seed(0)
-    base = torch.randn(1, 16, 16, 16)
-    image = torch.cat([base, base, base, torch.zeros_like(base)])  # three identical channels and a missing one
-    regions = (base > 1).to(torch.uint8)
+    regions = torch.zeros((1, 24, 24, 24), dtype=torch.float32)
+    regions[0, 6:15, 8:15, 10:15] = 1
+    brain = torch.zeros(1, 24, 24, 24)
+    brain[0, 5:18, 6:19, 8:20] = 1  # the patch reaches past it
+    base = (torch.randn(1, 24, 24, 24) + 2 * regions) * brain
+    image = torch.cat([base, base, base, torch.zeros_like(base)])
+    data = {"image": image, "regions": regions, "instances": regions.to(torch.int32), "foreground": regions}
 
     def draws(kind: str) -> list[dict]:
-        chain = Compose([t for t in intensity_transforms(kind) if not any(
-            name in type(t).__name__ for name in ("Noise", "Shift"))])
+        if kind == "none":  # the spatial transforms alone (they come first, so they get the same seeds)
+            transforms = PlainCompose(training_transforms((16, 16, 16), 1.0, 0.0).transforms[:-3])
+        else:
+            transforms = training_transforms((16, 16, 16), 1.0, 0.0, intensity=kind)
         out = []
         for seed in range(40):
-            chain.set_random_state(seed=seed)
-            out.append(chain({"image": image.clone(), "regions": regions.clone()}))
+            transforms.set_random_state(seed=seed)
+            out.append(transforms(dict(data))[0])
         return out
 
-    strong, light = draws("strong"), draws("light")
-    differ = lambda d: not torch.allclose(d["image"][0], d["image"][1], atol=1e-5)  # noqa: E731
-    assert sum(differ(d) for d in strong) >= 10
-    assert not any(differ(d) for d in light)
-    for d in strong:
-        assert torch.equal(d["regions"], regions)
-        assert float(d["image"][3].abs().max()) == 0.0
-    again = draws("strong")
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(strong, again))
+    strong, light, plain = draws("strong"), draws("light"), draws("none")
+    moved = 0  # patches whose background the light profile moves (shift, noise); the strong one never does
+    for s, l, n in zip(strong, light, plain):
+        assert torch.equal(s["regions"], l["regions"]) and torch.equal(s["regions"], n["regions"])
+        assert set(s) == set(l)
+        background = n["image"][0] == 0
+        assert 0 < int(background.sum()) < background.numel()
+        moved += float(l["image"][:3, background].abs().max()) > 0
+        assert float(s["image"][3].abs().max()) == 0.0
+        assert float(s["image"][:3, background].abs().max()) == 0.0
+    assert moved >= 10
+
+    def differ(d: dict) -> bool:  # channels 0 and 1 scaled apart (noise alone moves the ratio by about 0.002)
+        return abs(float(d["image"][0].std() / d["image"][1].std()) - 1) > 0.02
+
+    assert sum(map(differ, strong)) >= 12  # 20 of 40 here; about 60 % expected
+    assert not any(map(differ, light))
     with pytest.raises(ValueError, match="light"):
-        intensity_transforms("heavy")
+        training_transforms((16, 16, 16), 1.0, 0.0, intensity="heavy")

@@ -32,15 +32,17 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
-    RandGaussianSmoothd,
+    RandGaussianSmooth,
     RandomizableTransform,
     RandRotate90d,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
+    RandSimulateLowResolution,
     RandShiftIntensityd,
     RandZoomd,
 )
 
+from medtriad.config import INTENSITY_AUGMENTATIONS
 from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask
 from medtriad.data.layout import Case, DatasetSpec
 from medtriad.io import CaseFileError, load_nifti
@@ -252,16 +254,17 @@ class PlainCompose(Compose):
 
 
 class PerChannel(RandomizableTransform, MapTransform):
-    """Apply a random array transform to each channel of ``keys`` on its own, with its own random draw.
+    """With probability ``prob`` per patch, apply a random array transform to each channel of ``keys`` on its own.
 
-    For MONAI intensity transforms that have no ``channel_wise`` switch (``RandAdjustContrast``: one gamma and one
-    min/max over all channels), so each contrast of a case is perturbed independently, as nnU-Net's
-    ``synchronize_channels=False`` does.
+    Each channel gets its own draw of the wrapped transform (which also keeps its own probability per channel): for
+    MONAI intensity transforms that have no ``channel_wise`` switch (``RandAdjustContrast`` draws one gamma and takes
+    one min/max over all channels), so each contrast of a case is perturbed independently, like nnU-Net's
+    ``synchronize_channels=False`` with a per-patch and a per-channel probability.
     """
 
-    def __init__(self, keys, transform: RandomizableTransform) -> None:
+    def __init__(self, keys, transform: RandomizableTransform, prob: float = 1.0) -> None:
         MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob=1.0)
+        RandomizableTransform.__init__(self, prob=prob)
         self.transform = transform
 
     def set_random_state(self, seed=None, state=None):
@@ -271,23 +274,50 @@ class PerChannel(RandomizableTransform, MapTransform):
 
     def __call__(self, data):
         d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
         for key in self.key_iterator(d):
             d[key] = torch.cat([torch.as_tensor(self.transform(channel[None])) for channel in d[key]])
         return d
 
 
-INTENSITY_AUGMENTATIONS = ("light", "strong")
+class RecordBackground(MapTransform):
+    """Store where each channel of ``keys`` is zero (outside the brain after ``nonzero`` z-scoring, or a missing
+    channel), under ``KEY_background``, for :class:`RestoreBackground`."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}_background"] = torch.as_tensor(d[key]) == 0
+        return d
+
+
+class RestoreBackground(MapTransform):
+    """Set the voxels :class:`RecordBackground` found zero back to zero, and drop the record: the intensity
+    augmentation between them must not teach the model a background it never sees at inference (nnU-Net's
+    ``MaskImageTransform``)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = torch.as_tensor(d[key]).masked_fill(d.pop(f"{key}_background"), 0.0)
+        return d
 
 
 def intensity_transforms(kind: str = "light") -> list:
-    """The intensity augmentation of training patches (key ``image``, z-scored channels).
+    """The intensity augmentation of training patches (key ``image``, z-scored channels), in MONAI's transforms.
 
     ``light``: one random scale and one random shift for all channels (each p = 0.5, +-15 %), Gaussian noise
-    (p = 0.15). ``strong`` adds nnU-Net's per-channel intensity augmentation in MONAI's transforms: brightness
-    (x0.75-1.25) and contrast about the mean (x0.75-1.25), each p = 0.15 per channel set; gamma 0.7-1.5 with the
-    channel's mean and std kept (p = 0.3, drawn for each channel on its own); Gaussian blur (sigma 0.5-1 voxel,
-    p = 0.2); and MONAI's smooth multiplicative bias field (degree 3, p = 0.2), for scanners whose intensity drifts
-    across the head. Zero-filled (missing) channels stay zero under all of them but the noise.
+    (p = 0.15, std up to 0.05). ``strong``: nnU-Net-like, each contrast drawn on its own, before ``light``'s three:
+    brightness (x0.75-1.25) and contrast about the mean (x0.75-1.25, range kept), each p = 0.15 per patch with one
+    factor per channel; low resolution (p = 0.25 per patch, then 0.5 per channel: down to 0.5-1 of the size,
+    nearest, and back up, trilinear); inverted gamma (p = 0.1) and gamma (p = 0.3), 0.7-1.5 drawn uniformly per
+    channel, each channel's mean and std kept; Gaussian blur (p = 0.2 per patch, then 0.5 per channel, sigma
+    0.5-1 voxel); then a smooth multiplicative bias field (MONAI's, degree 3, coefficients in +-0.1: about +-25 %
+    across a patch, one field for all channels, p = 0.2), which nnU-Net does not have. At the end the voxels that
+    were zero (outside the brain, or a missing channel) are set back to zero, as nnU-Net does.
+    nnU-Net's gamma draws below and above 1 equally often, and its blur its own sigma per channel.
     """
     if kind not in INTENSITY_AUGMENTATIONS:
         raise ValueError(f"intensity augmentation must be one of {INTENSITY_AUGMENTATIONS}, got {kind!r}")
@@ -299,12 +329,18 @@ def intensity_transforms(kind: str = "light") -> list:
     if kind == "light":
         return light
     return [
+        RecordBackground("image"),
         RandScaleIntensityd("image", factors=0.25, prob=0.15, channel_wise=True),
         RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True, channel_wise=True),
-        PerChannel("image", RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5), retain_stats=True)),
-        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
-        RandBiasFieldd("image", degree=3, coeff_range=(0.0, 0.1), prob=0.2),
+        PerChannel("image", RandSimulateLowResolution(prob=0.5, zoom_range=(0.5, 1.0)), prob=0.25),
+        PerChannel("image", RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+                   prob=0.1),
+        PerChannel("image", RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5), retain_stats=True), prob=0.3),
+        PerChannel("image", RandGaussianSmooth(sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.5),
+                   prob=0.2),
+        RandBiasFieldd("image", degree=3, coeff_range=(-0.1, 0.1), prob=0.2),
         *light,
+        RestoreBackground("image"),
     ]
 
 
