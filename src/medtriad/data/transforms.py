@@ -41,6 +41,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandZoomd,
 )
+from monai.utils import MAX_SEED
 
 from medtriad.config import INTENSITY_AUGMENTATIONS
 from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask
@@ -268,8 +269,8 @@ class PerChannel(RandomizableTransform, MapTransform):
         self.transform = transform
 
     def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
+        super().set_random_state(seed, state)  # the wrapped transform's seed is drawn from this one's stream, as
+        self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))  # Compose does
         return self
 
     def __call__(self, data):
