@@ -46,7 +46,7 @@ def test_bad_mirror_axes_fail_when_the_config_is_read():
             Config.load("tiny", {"inference.mirror_axes": bad})
 
 
-def test_bad_ema_decay_and_zoom_prob_fail_when_the_config_is_read():
+def test_bad_ema_and_augmentation_settings_fail_when_the_config_is_read():
     assert Config.load("tiny", {"training.ema_decay": 0.99}).training.ema_decay == 0.99
     for bad in (1.0, -0.1, None, True, "0.9"):  # None: `--set training.ema_decay=null` (was a TypeError)
         with pytest.raises(ValueError, match="ema_decay"):

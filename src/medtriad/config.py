@@ -39,8 +39,8 @@ class DataConfig:
             orientation such as vessel segments); the patch must be square in each plane named. ``null`` (default):
             the x-y plane where the patch is square there, else none.
         intensity_augmentation: ``light`` (default: one scale and shift for all channels, noise) or ``strong``
-            (adds nnU-Net-like per-channel brightness, contrast, low resolution, gamma and blur, and a bias field;
-            :func:`medtriad.data.transforms.intensity_transforms`).
+            (adds nnU-Net-like per-channel brightness, contrast, low resolution, inverted gamma, gamma and blur, and a
+            bias field, then sets zero voxels back to zero; :func:`medtriad.data.transforms.intensity_transforms`).
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)

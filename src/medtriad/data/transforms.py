@@ -309,16 +309,18 @@ class RestoreBackground(MapTransform):
 def intensity_transforms(kind: str = "light") -> list:
     """The intensity augmentation of training patches (key ``image``, z-scored channels), in MONAI's transforms.
 
-    ``light``: one random scale and one random shift for all channels (each p = 0.5, +-15 %), Gaussian noise
-    (p = 0.15, std up to 0.05). ``strong``: nnU-Net-like, each contrast drawn on its own, before ``light``'s three:
-    brightness (x0.75-1.25) and contrast about the mean (x0.75-1.25, range kept), each p = 0.15 per patch with one
-    factor per channel; low resolution (p = 0.25 per patch, then 0.5 per channel: down to 0.5-1 of the size,
-    nearest, and back up, trilinear); inverted gamma (p = 0.1) and gamma (p = 0.3), 0.7-1.5 drawn uniformly per
-    channel, each channel's mean and std kept; Gaussian blur (p = 0.2 per patch, then 0.5 per channel, sigma
-    0.5-1 voxel); then a smooth multiplicative bias field (MONAI's, degree 3, coefficients in +-0.1: about +-25 %
-    across a patch, one field for all channels, p = 0.2), which nnU-Net does not have. At the end the voxels that
-    were zero (outside the brain, or a missing channel) are set back to zero, as nnU-Net does.
-    nnU-Net's gamma draws below and above 1 equally often, and its blur its own sigma per channel.
+    ``light``: one random scale (x0.85-1.15) and one random shift (+-0.15) for all channels, each p = 0.5, and
+    Gaussian noise (p = 0.15, std up to 0.05). ``strong``: nnU-Net-like, each channel drawn on its own, before
+    ``light``'s three: brightness (x0.75-1.25) and contrast about the mean (x0.75-1.25, range kept), each p = 0.15 per
+    patch with one factor per channel; low resolution (p = 0.25 per patch, then 0.5 per channel: down to 0.5-1 of the
+    size, nearest, and back up, trilinear); inverted gamma (p = 0.1) and gamma (p = 0.3), 0.7-1.5 drawn uniformly per
+    channel, each channel's mean and std kept at that step; Gaussian blur (p = 0.2 per patch, then 0.5 per channel,
+    sigma 0.5-1 voxel per axis); then a smooth multiplicative bias field (MONAI's, degree 3, coefficients in +-0.1,
+    one field for all channels, p = 0.2: a typical voxel x0.9-1.1, a patch's extremes about x0.67 and x1.47), which
+    nnU-Net does not have; on z-scored values it rescales about zero, where a scanner's field would also shift them.
+    At the end the voxels that were zero (outside the brain, or a missing channel) are set back to zero, as nnU-Net
+    does: this assumes zero means background (``data.normalization: nonzero``). nnU-Net's gamma draws below and above
+    1 equally often.
     """
     if kind not in INTENSITY_AUGMENTATIONS:
         raise ValueError(f"intensity augmentation must be one of {INTENSITY_AUGMENTATIONS}, got {kind!r}")
