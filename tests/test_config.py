@@ -58,6 +58,8 @@ def test_bad_ema_and_augmentation_settings_fail_when_the_config_is_read():
     assert Config.load("tiny", {"data.intensity_augmentation": "strong"}).data.intensity_augmentation == "strong"
     with pytest.raises(ValueError, match="intensity_augmentation"):
         Config.load("tiny", {"data.intensity_augmentation": "heavy"})
+    with pytest.raises(ValueError, match="normalization: none"):
+        Config.load("tiny", {"data.intensity_augmentation": "strong", "data.normalization": "none"})
     planes = [[0, 1], [0, 2], [1, 2]]
     assert Config.load("tiny", {"data.rotation_planes": planes}).data.rotation_planes == tuple(planes)
     for bad in ([[0, 0]], [[0, 3]], [0, 1], [[0, 1, 2]]):

@@ -56,6 +56,9 @@ class DataConfig:
         if self.intensity_augmentation not in INTENSITY_AUGMENTATIONS:
             raise ValueError(f"data.intensity_augmentation must be one of {INTENSITY_AUGMENTATIONS}, got "
                              f"{self.intensity_augmentation!r}")
+        if self.intensity_augmentation == "strong" and self.normalization == "none":
+            raise ValueError("data.intensity_augmentation: strong sets voxels that were zero back to zero (background "
+                             "after z-scoring); with data.normalization: none a zero is a real value (0 HU): use light")
         if not 0.0 <= self.zoom_prob <= 1.0:  # MONAI would clip it silently
             raise ValueError(f"data.zoom_prob must be a probability in [0, 1], got {self.zoom_prob}")
         for plane in self.rotation_planes or []:

@@ -319,8 +319,8 @@ def intensity_transforms(kind: str = "light") -> list:
     one field for all channels, p = 0.2: a typical voxel x0.9-1.1, a patch's extremes about x0.67 and x1.47), which
     nnU-Net does not have; on z-scored values it rescales about zero, where a scanner's field would also shift them.
     At the end the voxels that were zero (outside the brain, or a missing channel) are set back to zero, as nnU-Net
-    does: this assumes zero means background (``data.normalization: nonzero``). nnU-Net's gamma draws below and above
-    1 equally often.
+    does: zero is taken for background (the config refuses ``strong`` with ``data.normalization: none``).
+    nnU-Net's gamma draws below and above 1 equally often.
     """
     if kind not in INTENSITY_AUGMENTATIONS:
         raise ValueError(f"intensity augmentation must be one of {INTENSITY_AUGMENTATIONS}, got {kind!r}")
