@@ -95,8 +95,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not (run / "config.yaml").is_file():
             raise ValueError(f"--resume: {run} holds no config.yaml; nothing to resume")
         config = Config.load(run / "config.yaml")
+        if args.config is not None or args.set:  # the run goes on with its own config: refuse one that differs
+            given = Config.load(args.config or run / "config.yaml", _overrides(args.set))
+            changed = _changed_keys(config.to_dict(), given.to_dict())
+            if changed:
+                raise ValueError(f"--resume: {run} continues with its own config.yaml, which -c/--set would change: "
+                                 f"{'; '.join(changed)}; leave -c and --set out to resume it as it was, or train a "
+                                 "new run folder with the new config")
     else:
-        config = Config.load(args.config, _overrides(args.set))
+        config = Config.load(args.config or "brats-cpu", _overrides(args.set))
     try:
         result = train(args.dataset, config, run, fold=args.fold, resume=args.resume, device=args.device,
                        progress=not args.quiet)
@@ -105,6 +112,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 3
     print(f"run folder: {result.run_dir} (epochs {result.epochs_done}, best validation score {result.best_score:.4f})")
     return 0
+
+
+def _changed_keys(run: dict, given: dict, prefix: str = "") -> list[str]:
+    """``key: run's value -> given value`` for each dotted key whose value differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(run) | set(given)):
+        x, y = run.get(key), given.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
+    return out
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -214,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a multi-task model")
     p.add_argument("dataset")
-    p.add_argument("-c", "--config", default="brats-cpu", help="YAML file or packaged recipe name")
+    p.add_argument("-c", "--config", default=None, help="YAML file or packaged recipe name (default brats-cpu)")
     p.add_argument("-o", "--output", required=True, help="run folder")
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--fold", type=int, default=None, help="fold of the stratified k-fold split (default 0; with "
+                   "--resume, the run's own)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint, "
+                   "on its own fold and config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.set_defaults(func=_cmd_train)

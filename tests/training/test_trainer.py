@@ -14,6 +14,7 @@ from medtriad.checkpoint import load_state, load_weights
 from medtriad.cli import main
 from medtriad.config import Config
 from medtriad.data.layout import load_dataset
+from medtriad.data.synth import generate_dataset
 from medtriad.models.memory_format import InstanceNormAsGroupNorm
 from medtriad.models.multitask import ModelSpec, build_model, load_model_weights
 from medtriad.training.trainer import DatasetInvalidError, Trainer, stratified_folds, train
@@ -75,14 +76,15 @@ def test_segresnet_recipes_train_and_evaluate_on_real_brats(brats2018, tmp_path,
     assert ("detection" in summary) == ("detection" in spec["heads"])
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_decay):
+@pytest.mark.parametrize("ema_decay, fold", [(0.0, 0), (0.9, 1)])
+def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_decay, fold):
     """A run interrupted after its first epoch and resumed with --resume ends with the same weights as a run
-    that was never interrupted (same optimizer, scheduler, RNG and patch draws; with EMA, the same average too)."""
+    that was never interrupted (same optimizer, scheduler, RNG and patch draws; with EMA, the same average too;
+    on fold 1, resumed without --fold: the run's own fold, not the default 0)."""
     # with EMA also a learned loss balancer, whose state rides in the same weights file
     config = Config.load("tiny", {**TINY, "training.ema_decay": ema_decay,
                                   "training.balancing": "uncertainty" if ema_decay else "fixed"})
-    straight = train(synth_dataset, config, tmp_path / "a", progress=False)
+    straight = train(synth_dataset, config, tmp_path / "a", fold=fold, progress=False)
     assert straight.epochs_done == 2
 
     run = tmp_path / "b"
@@ -95,7 +97,7 @@ def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_
 
     monkeypatch.setattr(Trainer, "draw_batch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(synth_dataset, config, run, progress=False)
+        train(synth_dataset, config, run, fold=fold, progress=False)
     assert load_state(run / "checkpoints" / "last")["step"] == 2
     monkeypatch.setattr(Trainer, "draw_batch", original)
     assert main(["train", str(synth_dataset), "-o", str(run), "--resume", "-q"]) == 0
@@ -107,6 +109,33 @@ def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_
     state = load_state(run / "checkpoints" / "last")
     assert state["step"] == 4 and state["epoch"] == 1
     assert [r["epoch"] for r in state["history"]] == [0, 1]
+
+
+def test_resume_refuses_another_fold_config_or_dataset(synth_dataset, tmp_path, capsys):
+    """--resume goes on with the run's own fold, config and cases: a different --fold, -c/--set that change the
+    config, or a dataset whose cases no longer give the run's split are refused with the reason, before training;
+    -c/--set that match the run's config are accepted."""
+    run = tmp_path / "run"
+    sets = ["training.epochs=1", "training.iterations_per_epoch=1", "training.warmup_iterations=1"]
+    as_args = [a for kv in sets for a in ("--set", kv)]
+    assert main(["train", str(synth_dataset), "-c", "tiny", "-o", str(run), "--fold", "1", "-q"] + as_args) == 0
+    checkpoint = (run / "checkpoints" / "last" / "state.json").read_bytes()
+    capsys.readouterr()
+
+    resume = ["train", str(synth_dataset), "-o", str(run), "--resume", "-q"]
+    assert main(resume + ["--fold", "0"]) != 0
+    assert "trains on fold 1" in capsys.readouterr().err
+    assert main(resume + ["-c", "tiny"]) != 0  # the recipe without the run's --set
+    assert "training.epochs: 1 -> 2" in capsys.readouterr().err
+    assert main(resume + ["--set", "training.epochs=3"]) != 0  # --set alone applies to the run's own config
+    err = capsys.readouterr().err
+    assert "training.epochs: 1 -> 3" in err and "data." not in err
+    other = generate_dataset(tmp_path / "nine", 9, size=40, seed=3, progress=False)
+    assert main(["train", str(other), "-o", str(run), "--resume", "-q"]) != 0
+    assert "SYNTH_008" in capsys.readouterr().err  # the new case, in the fold's train or val cases
+    assert (run / "checkpoints" / "last" / "state.json").read_bytes() == checkpoint  # nothing was overwritten
+    assert main(resume + ["-c", "tiny", "--fold", "1"] + as_args) == 0  # the same config and fold: nothing to do
+    assert main(resume + ["--set", "training.epochs=1"]) == 0
 
 
 def test_ema_checkpoint_holds_the_average(synth_dataset, tmp_path, monkeypatch):

@@ -20,7 +20,8 @@ into NaN, as CUDA's GradScaler does for float16; each epoch's record counts them
 ``MAX_SKIPPED_IN_A_ROW`` consecutive ones stop training with :class:`TrainingDivergedError`, the last checkpoint kept.
 
 Data split: a dataset with official splits (``splits.json``, e.g. MedMNIST) trains on "train" and selects on "val";
-otherwise a stratified k-fold split and ``--fold K``.
+otherwise a stratified k-fold split and ``--fold K``. ``--resume`` continues on the fold in the run's ``split.json``
+(another ``--fold`` is refused), and refuses a dataset whose cases no longer give that split.
 
 Case-level classification while training on patches: the classification head pools attention over the tokens
 of whatever it sees. Training patches are tumour-centred with probability ``foreground_ratio``; the class loss is
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
 import time
@@ -111,12 +113,15 @@ class Trainer:
     """Trains the model the config describes (a MultiTaskModel, or slice-plugins on a frozen 2D ViT for encoder
     slice2d) on a dataset folder; see the module docstring for what lands in the run folder."""
 
-    def __init__(self, dataset: str | Path, config: Config, run_dir: str | Path, fold: int = 0,
+    def __init__(self, dataset: str | Path, config: Config, run_dir: str | Path, fold: int | None = None,
                  device: str | None = None, progress: bool = True):
+        """``fold`` None: 0 for a new run, the saved fold for ``fit(resume=True)``."""
         self.dataset = Path(dataset)
         self.config = config
         self.run_dir = Path(run_dir)
-        self.fold = fold
+        self._fold_given = fold is not None
+        self.fold = fold or 0
+        self._resumed_split: dict[str, Any] | None = None  # split.json of the run fit(resume=True) continues
         self.rank, self.world, local_rank = init_distributed()
         self.device = pick_device(device)
         if self.world > 1 and self.device.type == "cuda":
@@ -149,6 +154,8 @@ class Trainer:
             if not 0 <= self.fold < len(folds):
                 raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {self.fold}")
             val_ids = set(folds[self.fold])
+        if self._resumed_split is not None:  # before minutes of loading
+            self._check_same_split(self._resumed_split, set(by_id) - val_ids, val_ids)
         load = lambda ids, what: [load_sample(by_id[i], spec, cfg.data.spacing,  # noqa: E731
                                                   normalization=cfg.data.normalization)
                                   for i in tqdm(sorted(ids), desc=f"load {what}", unit="case",
@@ -435,6 +442,36 @@ class Trainer:
         random.setstate(_as_python_state(state["rng"]["python"]))
         return state
 
+    def _saved_split(self) -> dict[str, Any]:
+        """The split a run to be resumed trained on; its fold becomes this trainer's (another ``fold`` is refused)."""
+        path = self.run_dir / "split.json"
+        try:
+            saved = json.loads(path.read_text())
+            fold = int(saved["fold"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--resume: cannot read the run's split from {path}: {error}") from None
+        if self._fold_given and self.fold != fold:
+            raise ValueError(f"--resume: {self.run_dir} trains on fold {fold} ({path}), not fold {self.fold}; "
+                             f"leave --fold out or give --fold {fold}")
+        self.fold = fold
+        return saved
+
+    def _check_same_split(self, saved: dict[str, Any], train_ids: set[str], val_ids: set[str]) -> None:
+        """A resumed run must train and validate on the cases it started with (not so if cases were added to or
+        removed from the dataset, or their class labels changed, since: held-out cases could leak into training)."""
+        def some(ids: set[str]) -> str:
+            listed = sorted(ids)
+            return ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "") or "none"
+
+        for part, now in (("train", train_ids), ("val", val_ids)):
+            before = set(saved.get(part, []))
+            if before != now:
+                raise ValueError(
+                    f"--resume: the dataset {self.dataset} no longer gives the {part} cases of "
+                    f"{self.run_dir / 'split.json'} (cases added, removed or relabelled since the run started; "
+                    f"in the run's split only: {some(before - now)}; in the dataset's only: {some(now - before)}); "
+                    "start a new run folder")
+
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
 
@@ -447,6 +484,7 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
         np.random.seed(cfg.training.seed)
         random.seed(cfg.training.seed)
+        self._resumed_split = self._saved_split() if resume else None
         self.prepare()
         start_epoch, step, elapsed, history, best = 0, 0, 0.0, [], -math.inf
         if resume:
@@ -583,7 +621,8 @@ def _as_python_state(state: list) -> tuple:
     return state[0], tuple(int(v) for v in state[1]), state[2]
 
 
-def train(dataset: str | Path, config: Config, run_dir: str | Path, fold: int = 0, resume: bool = False,
+def train(dataset: str | Path, config: Config, run_dir: str | Path, fold: int | None = None, resume: bool = False,
           device: str | None = None, progress: bool = True) -> TrainResult:
-    """Train (or resume) a run; the entry point behind ``medtriad train``."""
+    """Train (or resume) a run; the entry point behind ``medtriad train``. ``fold`` None: fold 0 for a new run, the
+    run's own fold when resuming."""
     return Trainer(dataset, config, run_dir, fold, device, progress).fit(resume=resume)
