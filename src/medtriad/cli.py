@@ -94,14 +94,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not (run / "config.yaml").is_file():
             raise ValueError(f"--resume: {run} holds no config.yaml; nothing to resume")
-        config = Config.load(run / "config.yaml")
-        if args.config is not None or args.set:  # the run goes on with its own config: refuse one that differs
-            given = Config.load(args.config or run / "config.yaml", _overrides(args.set))
-            changed = _changed_keys(config.to_dict(), given.to_dict())
-            if changed:
-                raise ValueError(f"--resume: {run} continues with its own config.yaml, which -c/--set would change: "
-                                 f"{'; '.join(changed)}; leave -c and --set out to resume it as it was, or train a "
-                                 "new run folder with the new config")
+        # the run's own config; -c / --set are accepted only where they change nothing (the trainer checks)
+        config = Config.load(args.config or run / "config.yaml", _overrides(args.set))
     else:
         config = Config.load(args.config or "brats-cpu", _overrides(args.set))
     try:
@@ -112,18 +106,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 3
     print(f"run folder: {result.run_dir} (epochs {result.epochs_done}, best validation score {result.best_score:.4f})")
     return 0
-
-
-def _changed_keys(run: dict, given: dict, prefix: str = "") -> list[str]:
-    """``key: run's value -> given value`` for each dotted key whose value differs between two nested config dicts."""
-    out = []
-    for key in sorted(set(run) | set(given)):
-        x, y = run.get(key), given.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _changed_keys(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
-    return out
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -246,6 +246,10 @@ class Config:
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def changes_to(self, other: "Config") -> list[str]:
+        """``section.key: this value -> other value`` for every setting that differs (empty: the same config)."""
+        return _changed_keys(self.to_dict(), other.to_dict())
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -328,6 +332,17 @@ def _check_scalar_type(value: Any, default: Any, key: str) -> None:
         return
     if not ok:
         raise ValueError(f"{key} must be {kind}, got {value!r}")
+
+
+def _changed_keys(mine: dict, other: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(mine) | set(other)):
+        x, y = mine.get(key), other.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
+    return out
 
 
 def _plain(obj: Any) -> Any:

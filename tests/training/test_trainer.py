@@ -112,9 +112,9 @@ def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_
 
 
 def test_resume_refuses_another_fold_config_or_dataset(synth_dataset, tmp_path, capsys):
-    """--resume goes on with the run's own fold, config and cases: a different --fold, -c/--set that change the
-    config, or a dataset whose cases no longer give the run's split are refused with the reason, before training;
-    -c/--set that match the run's config are accepted."""
+    """--resume goes on with the run's own fold, config and cases: a different --fold, a config that differs (-c/--set,
+    or train() given another config), or a dataset whose cases no longer give the run's split are refused with the
+    reason, before training; -c/--set that match the run's config are accepted."""
     run = tmp_path / "run"
     sets = ["training.epochs=1", "training.iterations_per_epoch=1", "training.warmup_iterations=1"]
     as_args = [a for kv in sets for a in ("--set", kv)]
@@ -130,6 +130,8 @@ def test_resume_refuses_another_fold_config_or_dataset(synth_dataset, tmp_path, 
     assert main(resume + ["--set", "training.epochs=3"]) != 0  # --set alone applies to the run's own config
     err = capsys.readouterr().err
     assert "training.epochs: 1 -> 3" in err and "data." not in err
+    with pytest.raises(ValueError, match="training.epochs: 1 -> 2"):  # the Python API checks the same
+        train(synth_dataset, Config.load("tiny"), run, resume=True, progress=False)
     other = generate_dataset(tmp_path / "nine", 9, size=40, seed=3, progress=False)
     assert main(["train", str(other), "-o", str(run), "--resume", "-q"]) != 0
     assert "SYNTH_008" in capsys.readouterr().err  # the new case, in the fold's train or val cases

@@ -21,7 +21,8 @@ into NaN, as CUDA's GradScaler does for float16; each epoch's record counts them
 
 Data split: a dataset with official splits (``splits.json``, e.g. MedMNIST) trains on "train" and selects on "val";
 otherwise a stratified k-fold split and ``--fold K``. ``--resume`` continues on the fold in the run's ``split.json``
-(another ``--fold`` is refused), and refuses a dataset whose cases no longer give that split.
+(another ``--fold`` is refused) with the config in its ``config.yaml`` (a config that differs is refused, the
+differences named), and refuses a dataset whose cases no longer give that split.
 
 Case-level classification while training on patches: the classification head pools attention over the tokens
 of whatever it sees. Training patches are tumour-centred with probability ``foreground_ratio``; the class loss is
@@ -443,7 +444,15 @@ class Trainer:
         return state
 
     def _saved_split(self) -> dict[str, Any]:
-        """The split a run to be resumed trained on; its fold becomes this trainer's (another ``fold`` is refused)."""
+        """The split a run to be resumed trained on; its fold becomes this trainer's (another ``fold`` is refused),
+        and its config must be this trainer's."""
+        if not (self.run_dir / "config.yaml").is_file():
+            raise ValueError(f"--resume: {self.run_dir} holds no config.yaml; nothing to resume")
+        changed = Config.load(self.run_dir / "config.yaml").changes_to(self.config)
+        if changed:
+            raise ValueError(f"--resume: {self.run_dir} continues with its own config.yaml, which this config would "
+                             f"change: {'; '.join(changed)}; resume it as it was (no -c, no --set), or train a new "
+                             "run folder with the new config")
         path = self.run_dir / "split.json"
         try:
             saved = json.loads(path.read_text())
