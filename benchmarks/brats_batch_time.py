@@ -49,8 +49,7 @@ def main() -> None:
         config = Config.load(args.config, {"data.intensity_augmentation": profile})
         with tempfile.TemporaryDirectory() as scratch:
             trainer = Trainer(args.dataset, config, scratch, fold=args.fold, device="cpu", progress=False)
-            trainer.prepare()
-            torch.set_num_threads(args.threads)  # prepare may not, but keep the figure on the threads asked for
+            trainer.prepare()  # sets no thread count (fit does): the figures run on --threads
             draw = _median_s(trainer.draw_batch, args.batches)
 
             def forward_backward(step: int) -> None:

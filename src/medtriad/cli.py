@@ -88,14 +88,12 @@ def _inference_overrides(pairs: list[str]) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from medtriad.config import Config
-    from medtriad.training.trainer import TrainingDivergedError, train
+    from medtriad.training.trainer import TrainingDivergedError, resumed_config, train
 
     run = Path(args.output)
-    if args.resume:
-        if not (run / "config.yaml").is_file():
-            raise ValueError(f"--resume: {run} holds no config.yaml; nothing to resume")
-        # the run's own config; -c / --set are accepted only where they change nothing (the trainer checks)
-        config = Config.load(args.config or run / "config.yaml", _overrides(args.set))
+    if args.resume:  # the run's own config; -c / --set are accepted only where they change nothing (the trainer checks)
+        config = (Config.load(args.config, _overrides(args.set)) if args.config
+                  else resumed_config(run, _overrides(args.set)))
     else:
         config = Config.load(args.config or "brats-cpu", _overrides(args.set))
     try:

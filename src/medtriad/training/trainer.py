@@ -443,12 +443,10 @@ class Trainer:
         random.setstate(_as_python_state(state["rng"]["python"]))
         return state
 
-    def _saved_split(self) -> dict[str, Any]:
-        """The split a run to be resumed trained on; its fold becomes this trainer's (another ``fold`` is refused),
-        and its config must be this trainer's."""
-        if not (self.run_dir / "config.yaml").is_file():
-            raise ValueError(f"--resume: {self.run_dir} holds no config.yaml; nothing to resume")
-        changed = Config.load(self.run_dir / "config.yaml").changes_to(self.config)
+    def _resumable_split(self) -> dict[str, Any]:
+        """The saved split of the run to resume, once its config is found to be this trainer's; the split's fold
+        becomes this trainer's (another ``fold`` is refused)."""
+        changed = resumed_config(self.run_dir).changes_to(self.config)
         if changed:
             raise ValueError(f"--resume: {self.run_dir} continues with its own config.yaml, which this config would "
                              f"change: {'; '.join(changed)}; resume it as it was (no -c, no --set), or train a new "
@@ -493,7 +491,7 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
         np.random.seed(cfg.training.seed)
         random.seed(cfg.training.seed)
-        self._resumed_split = self._saved_split() if resume else None
+        self._resumed_split = self._resumable_split() if resume else None
         self.prepare()
         start_epoch, step, elapsed, history, best = 0, 0, 0.0, [], -math.inf
         if resume:
@@ -628,6 +626,14 @@ def _python_state() -> list:
 
 def _as_python_state(state: list) -> tuple:
     return state[0], tuple(int(v) for v in state[1]), state[2]
+
+
+def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config a run folder was trained with (its ``config.yaml``), with ``overrides`` applied."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"--resume: {run_dir} holds no config.yaml; nothing to resume")
+    return Config.load(path, overrides)
 
 
 def train(dataset: str | Path, config: Config, run_dir: str | Path, fold: int | None = None, resume: bool = False,
