@@ -46,6 +46,15 @@ def test_bad_mirror_axes_fail_when_the_config_is_read():
             Config.load("tiny", {"inference.mirror_axes": bad})
 
 
+def test_box_selection_is_an_inference_setting_not_a_model_one():
+    """The predictor sets the detection head's score threshold, NMS and box count from ``inference`` at every call,
+    so the same keys under ``model.detection`` would do nothing: refused, pointing to the right key."""
+    for key, value in [("score_threshold", 0.2), ("nms_threshold", 0.3), ("max_detections", 5)]:
+        with pytest.raises(ValueError, match=f"set inference.{key} instead"):
+            Config.load(None, {f"model.detection.{key}": value})
+        assert getattr(Config.load(None, {f"inference.{key}": value}).inference, key) == value
+
+
 def test_bad_ema_and_augmentation_settings_fail_when_the_config_is_read():
     assert Config.load("tiny", {"training.ema_decay": 0.99}).training.ema_decay == 0.99
     for bad in (1.0, -0.1, None, True, "0.9"):  # None: `--set training.ema_decay=null` (was a TypeError)

@@ -82,7 +82,8 @@ class ModelConfig:
             decoder level, fine to coarse; ``prior``; ``deep_supervision``: coarser decoder levels scored in training;
             see SegmentationHead) or ``segresnet`` (MONAI SegResNet's decoder: ``blocks_up``, ``num_groups``,
             ``upsample_mode``, ``prior``; see SegResNetDecoder).
-        detection: detection head settings (anchor shapes are derived from the training boxes when absent).
+        detection: detection head settings (anchor shapes are derived from the training boxes when absent); how
+            boxes are picked (score, NMS, count) belongs to ``inference``.
         classification_hidden: width of the attention-pooling MLP.
         classification_dropout: dropout on the pooled vector before each task's classifier (timm's ``drop_rate``);
             the 3D encoders' classification head (``slice2d`` plugins have their own head and do not use it).
@@ -111,6 +112,9 @@ class ModelConfig:
             raise ValueError(f"model.classification_dropout must lie in [0, 1), got {self.classification_dropout}")
         if self.radial_coordinate and self.encoder == "slice2d":
             raise ValueError("model.radial_coordinate is for the 3D encoders; slice2d reads its slices as images")
+        for key in ("score_threshold", "nms_threshold", "max_detections"):  # the predictor sets them per call
+            if key in self.detection:
+                raise ValueError(f"model.detection.{key} is an inference setting: set inference.{key} instead")
 
 
 @dataclass

@@ -9,11 +9,11 @@ import torch
 
 from medtriad.cli import main
 from medtriad.config import InferenceConfig
-from medtriad.data.boxes import boxes_from_instances, instances_from_mask, voxel_box_to_world
+from medtriad.data.boxes import boxes_from_instances, instances_from_mask, voxel_box_to_grid, voxel_box_to_world
 from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, pad_to, read_channels
-from medtriad.inference.predictor import (Predictor, decode_labels, gate_by_boxes, keep_largest_components, unflip_boxes,
-                                          window_copies)
+from medtriad.inference.predictor import (GridOutput, Predictor, decode_labels, gate_by_boxes, keep_largest_components,
+                                          unflip_boxes, window_copies)
 from medtriad.inference.run import discover_cases
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
@@ -260,6 +260,40 @@ def test_boxes_found_wholly_in_the_padding_are_dropped():
                                                          9.0 - lead[2]]]))
 
 
+def test_detection_selection_follows_the_inference_settings():
+    """The detection head picks each window's boxes with the score threshold, NMS and box count of the inference
+    settings in use (``--set inference.max_detections=...``), not with those model.json was built with (here the
+    defaults: score 0.05, which an untrained head's scores near the 0.01 prior never reach)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder="resenc", in_channels=1, channel_names=["CT"], heads=["detection"], spacing=[1.0] * 3,
+                     encoder_kwargs={"channels": [4, 8, 8, 8, 8], "blocks": [1, 1, 1, 1, 1]},
+                     regions={"lesion": [1]}, labels={"background": 0, "lesion": 1},
+                     detection={"anchor_shapes": [[3, 3, 3], [5, 4, 4]]})
+    model = MultiTaskModel(spec)
+    image = torch.randn(1, 32, 32, 32)
+    assert len(Predictor(model, InferenceConfig(), "cpu").predict_grid(image).scores) == 0
+    many = Predictor(model, InferenceConfig(score_threshold=0.0, nms_threshold=0.5), "cpu").predict_grid(image)
+    few = Predictor(model, InferenceConfig(score_threshold=0.0, nms_threshold=0.5, max_detections=3),
+                    "cpu").predict_grid(image)
+    assert len(few.scores) == 3 < len(many.scores) <= 20
+    torch.testing.assert_close(few.scores, many.scores[:3])  # the three best, in order
+
+
+def test_boxes_of_an_oblique_scan_map_back_exactly():
+    """A scan rotated 20 degrees about z: the model grid is its reoriented, resampled copy, so a box found there is
+    one exact box in the scan's voxels (mapped straight, not through an axis-aligned world box, which would enlarge
+    it twice); its world box is that of the voxel box."""
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    affine = np.array([[c, -s, 0, 10.0], [s, c, 0, -5.0], [0, 0, 1.5, 2.0], [0, 0, 0, 1]])
+    geometry = make_geometry(affine, (40, 30, 20), (2.0, 2.0, 2.0))
+    truth = np.array([10.0, 12.0, 4.0, 20.0, 24.0, 14.0])
+    on_grid = voxel_box_to_grid(truth, np.linalg.inv(geometry.model_affine) @ affine)
+    grid = GridOutput(None, torch.tensor(on_grid[None], dtype=torch.float32), torch.tensor([0.9]), {})
+    pred = _blob_model().to_input_grid("oblique", geometry, grid)
+    np.testing.assert_allclose(pred.boxes_voxel[0], truth, atol=1e-4)
+    np.testing.assert_allclose(pred.boxes_world[0], voxel_box_to_world(truth, affine), atol=1e-4)
+
+
 def test_geometry_model_grid_maps_to_world_like_the_input():
     affine = np.array([[0, 0, -1.5, 100], [1.0, 0, 0, -20], [0, 2.0, 0, 5], [0, 0, 0, 1]])
     g = make_geometry(affine, (40, 30, 20), (3.0, 3.0, 3.0))
@@ -290,9 +324,7 @@ def test_mirroring_makes_every_head_flip_equivariant():
                      regions=REGIONS, labels=LABELS,
                      tasks={"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}},
                      detection={"anchor_shapes": [[3, 3, 3], [5, 4, 4]]})
-    model = MultiTaskModel(spec)
-    model.heads["detection"].detector.set_box_selector_parameters(  # untrained scores sit near the 0.01 prior
-        score_thresh=0.0, topk_candidates_per_level=1000, nms_thresh=0.1, detections_per_img=20)
+    model = MultiTaskModel(spec)  # untrained scores sit near the 0.01 prior: score_threshold 0.0 below
     image = torch.randn(2, 32, 16, 16)  # divisible by the encoder's size divisor: no padding breaks the symmetry
     plain = Predictor(model, InferenceConfig(score_threshold=0.0), "cpu")
     mirrored = Predictor(model, InferenceConfig(mirror_axes=(0, 1, 2), score_threshold=0.0), "cpu")
@@ -326,8 +358,6 @@ def test_permuting_axes_makes_every_head_transpose_equivariant():
                      tasks={"aneurysm": {"kind": "binary", "classes": ["no", "yes"]}},
                      detection={"anchor_shapes": [[3, 3, 3], [5, 4, 4]]})
     model = MultiTaskModel(spec)
-    model.heads["detection"].detector.set_box_selector_parameters(
-        score_thresh=0.0, topk_candidates_per_level=100, nms_thresh=0.1, detections_per_img=20)
     assert len(window_copies((0, 1, 2), (0, 1, 2))) == 48 and window_copies((), ())[0] == ([0, 1, 2], [])
     image = torch.randn(1, 32, 32, 32)  # the encoder's size divisor: no padding, and a 2^3 deepest map
     plain = Predictor(model, InferenceConfig(score_threshold=0.0), "cpu")
@@ -430,6 +460,12 @@ def test_predict_command_shards_skips_and_survives_a_corrupt_case(trained_run, s
 
     shutil.copytree(synth_dataset, data)
     spec, cases = load_dataset(data)
+    scan = nib.load(cases[0].image_files[0])  # a scanner's header: qform and sform codes 1, units mm and s
+    scan = nib.Nifti1Image(np.asarray(scan.dataobj), scan.affine)
+    scan.set_qform(scan.affine, code=1)
+    scan.set_sform(scan.affine, code=1)
+    scan.header.set_xyzt_units("mm", "sec")
+    nib.save(scan, cases[0].image_files[0])
     bad = cases[1].image_files[0]
     bad.write_bytes(bad.read_bytes()[:300])
     out = tmp_path / "out"
@@ -444,6 +480,7 @@ def test_predict_command_shards_skips_and_survives_a_corrupt_case(trained_run, s
     seg = nib.load(first)
     source = nib.load(cases[0].image_files[0])
     assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
+    assert [int(seg.header[k]) for k in ("qform_code", "sform_code", "xyzt_units")] == [1, 1, 10]  # the input's
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
     boxes = json.loads((out / f"{cases[0].case_id}_boxes.json").read_text())["boxes"]
     assert all(len(b["voxel"]) == 6 and len(b["world"]) == 6 for b in boxes)

@@ -25,6 +25,7 @@ from medtriad.data.layout import Box
 __all__ = [
     "voxel_box_to_world",
     "world_box_to_voxel",
+    "voxel_box_to_grid",
     "boxes_from_mask",
     "boxes_from_instances",
     "instances_from_mask",
@@ -59,6 +60,14 @@ def voxel_box_to_world(box_voxel: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def world_box_to_voxel(box_world: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World box(es) (6,) or (N, 6) in mm -> voxel-edge box(es) through the inverse affine."""
     return _transform_box(box_world, np.linalg.inv(_check_affine(affine)), shift=0.0, unshift=0.5)
+
+
+def voxel_box_to_grid(box_voxel: np.ndarray, index_map: np.ndarray) -> np.ndarray:
+    """Voxel box(es) (6,) or (N, 6) on one grid -> voxel box(es) on another, where ``index_map`` (4, 4) maps the
+    first grid's voxel indices to the second's (``inv(affine_2) @ affine_1``). Exact when its 3x3 part is a scaled
+    permutation, as between a scan and its reoriented, resampled copy, even when the scan itself is oblique (where
+    going through world boxes would enlarge the box twice)."""
+    return _transform_box(box_voxel, _check_affine(index_map), shift=-0.5, unshift=0.5)
 
 
 def _check_volume(array: np.ndarray, what: str) -> np.ndarray:

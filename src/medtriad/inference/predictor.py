@@ -1,7 +1,7 @@
 """Predictor: one encoder pass per window feeds every head; results land in the input scan's own geometry.
 
-Windows: with ``roi_size`` unset the whole volume (zero-padded at its end to the encoder's size divisor) is one
-window; otherwise Gaussian-weighted sliding windows (MONAI's ``dense_patch_slices`` and importance map) tile it.
+Windows: with ``roi_size`` unset the whole volume (zero-padded evenly on both sides to the encoder's size divisor) is
+one window; otherwise Gaussian-weighted sliding windows (MONAI's ``dense_patch_slices`` and importance map) tile it.
 Per window the encoder runs once; the segmentation head's probabilities are blended, the detection head's boxes are
 shifted into volume coordinates and merged by NMS, and the classification head's attention tokens are gathered so
 that the case-level attention pooling runs over the tokens of all windows at once (the same pooling as one window
@@ -11,7 +11,9 @@ head, probabilities and boxes are mapped back, and the pooling and NMS run over 
 
 Outputs are mapped back through :class:`medtriad.data.transforms.Geometry`: region probabilities are resampled to
 the input grid and decoded into the training label convention (BraTS 0/1/2/4 stays 0/1/2/4) by choosing, per voxel,
-the label whose region memberships are most probable; boxes come out in input voxel and world (mm) coordinates.
+the label whose region memberships are most probable; boxes come out in input voxel and world (mm) coordinates (the
+voxel boxes mapped straight from the model grid, exact even for an oblique scan; a world box is the axis-aligned box
+around the detected box's corners).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from monai.data.utils import compute_importance_map, dense_patch_slices, get_val
 
 from medtriad.checkpoint import load_weights, resolve_checkpoint
 from medtriad.config import Config, InferenceConfig
-from medtriad.data.boxes import centre_index_ranges, instances_from_mask, voxel_box_to_world, world_box_to_voxel
+from medtriad.data.boxes import centre_index_ranges, instances_from_mask, voxel_box_to_grid, voxel_box_to_world
 from medtriad.data.transforms import Geometry, Sample, pad_to, preprocess_images, read_channels, resample
 from medtriad.models.heads.classification import ClassificationHead
+from medtriad.models.heads.detection import DetectionHead
 from medtriad.models.memory_format import channels_last_on_cpu
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, build_model, load_model_weights
 from medtriad.precision import autocast, autocast_dtype
@@ -174,6 +177,9 @@ class Predictor:
         if not isinstance(self.model, MultiTaskModel):
             return self._predict_plugins(image)
         heads = self.model.heads
+        if "detection" in heads and isinstance(heads["detection"], DetectionHead):  # its own per-window selection
+            i = self.inference  # follows the inference settings in use, not those model.json was built with
+            heads["detection"].set_box_selection(i.score_threshold, i.nms_threshold, i.max_detections)
         div = self.model.size_divisible
         shape = tuple(image.shape[1:])
         roi = self.inference.roi_size
@@ -283,10 +289,11 @@ class Predictor:
         for task, heatmap in grid.heatmaps.items():
             pred.heatmaps[task] = geometry.from_canonical(resample(heatmap[None], canon_shape, "trilinear").numpy())[0]
         keep = grid.scores >= self.inference.score_threshold
-        world = [voxel_box_to_world(b, geometry.model_affine) for b in grid.boxes[keep].numpy()]
-        pred.boxes_world = np.array(world, dtype=np.float32).reshape(-1, 6)
-        pred.boxes_voxel = np.array([world_box_to_voxel(b, geometry.affine) for b in pred.boxes_world],
-                                    dtype=np.float32).reshape(-1, 6)
+        found = grid.boxes[keep].numpy().reshape(-1, 6)
+        pred.boxes_world = voxel_box_to_world(found, geometry.model_affine).astype(np.float32)
+        # model grid -> input grid directly (axis order, flips, scale): exact, also for an oblique scan
+        to_input = np.linalg.inv(geometry.affine) @ geometry.model_affine
+        pred.boxes_voxel = voxel_box_to_grid(found, to_input).astype(np.float32)
         pred.scores = grid.scores[keep].numpy().astype(np.float32)
         if pred.mask is not None:
             if self.inference.detection_gate is not None and "detection" in self.spec.heads:  # else: no gate

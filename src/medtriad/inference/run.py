@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 from tqdm import tqdm
 
 from medtriad.inference.ensemble import EnsemblePredictor
@@ -91,7 +92,8 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
                 raise CaseFileError(case.case_id, next(f for f in case.files if f is not None) if any(case.files)
                                     else out, f"missing channel(s) {missing}")
             pred = predictor.predict(case.files, case_id=case.case_id)
-            write_prediction(out, pred, spec.heads)
+            source = nib.load(next(f for f in case.files if f is not None)).header  # qform/sform codes, units
+            write_prediction(out, pred, spec.heads, reference_header=source)
         except (CaseFileError, ValueError, OSError) as error:
             failures.append((case.case_id, str(error)))
             tqdm.write(f"FAILED {case.case_id}: {error}")

@@ -290,9 +290,6 @@ class Trainer:
                 sizes = [b[3:] - b[:3] for s in self.train_samples if s.instances is not None
                          for b in boxes_from_instances(s.instances.numpy())]
                 detection["anchor_shapes"] = anchor_shapes_from_boxes(np.array(sizes), cfg.data.patch_size)
-            detection.setdefault("score_threshold", cfg.inference.score_threshold)
-            detection.setdefault("nms_threshold", cfg.inference.nms_threshold)
-            detection.setdefault("max_detections", cfg.inference.max_detections)
         encoder_kwargs = dict(cfg.model.encoder_kwargs)
         plugins = self._plugin_specs(heads) if cfg.model.encoder == "slice2d" else {}
         if encoder_kwargs.get("weights") is not None:  # a user's backbone path, made independent of the cwd

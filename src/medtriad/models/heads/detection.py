@@ -130,10 +130,15 @@ class DetectionHead(nn.Module):
         detector.set_atss_matcher(num_candidates=atss_candidates, center_in_gt=False)
         detector.set_hard_negative_sampler(batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16)
         detector.set_cls_loss(FocalLoss(gamma=2.0, reduction="mean"))
-        detector.set_box_selector_parameters(score_thresh=score_threshold, topk_candidates_per_level=1000,
-                                             nms_thresh=nms_threshold, detections_per_img=max_detections)
         # a plain attribute, not a submodule: the detector holds no parameters and must not enter the state dict
         object.__setattr__(self, "detector", detector)
+        self.set_box_selection(score_threshold, nms_threshold, max_detections)
+
+    def set_box_selection(self, score_threshold: float, nms_threshold: float, max_detections: int) -> None:
+        """How detections are chosen from the anchors' scores (MONAI's box selector): minimum score, NMS IoU and the
+        number kept per image. The predictor sets them from its ``inference`` settings."""
+        self.detector.set_box_selector_parameters(score_thresh=score_threshold, topk_candidates_per_level=1000,
+                                                  nms_thresh=nms_threshold, detections_per_img=max_detections)
 
     def _head_outputs(self, features: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         maps = OrderedDict((str(i), features[level]) for i, level in enumerate(self.levels))
