@@ -237,3 +237,26 @@ def test_summarize_ignores_nan_and_text():
     assert summary["dice_WT"]["count"] == 2
     assert summary["tp"]["median"] == 2.0 and summary["tp"]["count"] == 3
     assert summary["auc"]["count"] == 0 and math.isnan(summary["auc"]["mean"])
+
+
+def test_summary_of_a_multilabel_task_without_any_known_target_is_nan():
+    """Evaluating a findings model on cases whose findings are all unknown (no classes.csv) gives NaN metrics for
+    that task and scores the rest, instead of failing on a (cases, 0) target array."""
+    from medtriad.evaluation.evaluate import CaseScore, summarize_scores
+    from medtriad.models.multitask import ModelSpec
+
+    spec = ModelSpec(encoder="resenc", in_channels=1, channel_names=["CT"], heads=["classification"],
+                     spacing=[1.0] * 3, tasks={"findings": {"kind": "multilabel", "classes": ["a", "b", "c"]},
+                                               "grade": {"kind": "binary", "classes": ["LGG", "HGG"]}})
+    probs = [[0.2, 0.9, 0.4], [0.7, 0.1, 0.5], [0.6, 0.3, 0.8]]
+    scores = [CaseScore({"case": f"c{i}"}, classes={"findings": (p, -1), "grade": (p[0], i % 2)})
+              for i, p in enumerate(probs)]
+    _, summary = summarize_scores(scores, spec)
+    findings = summary["classification"]["findings"]
+    assert math.isnan(findings["auc"]) and math.isnan(findings["auc_b"]) and findings["num_samples"] == 0
+    assert summary["classification"]["grade"]["num_samples"] == 3
+    binary = classification_metrics("binary", np.array([0.3, 0.8]), np.array([-1, None], dtype=object), ["n", "p"])
+    assert binary["num_samples"] == 0 and all(math.isnan(binary[k]) for k in ("auc", "accuracy", "f1"))
+    scores[1].classes["findings"] = (probs[1], (1, 0, 1))  # one known case: per-label counts of 1
+    _, summary = summarize_scores(scores, spec)
+    assert summary["classification"]["findings"]["num_samples"] == 1

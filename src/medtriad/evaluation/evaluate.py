@@ -85,7 +85,8 @@ def summarize_scores(scores: list[CaseScore], spec: ModelSpec) -> tuple[list[dic
         if pairs:
             probs, targets = zip(*pairs)
             classification[task] = classification_metrics(info["kind"], np.asarray(probs, dtype=float),
-                                                           _targets(list(targets), info["kind"]), info["classes"])
+                                                           _targets(list(targets), info["kind"], len(info["classes"])),
+                                                           info["classes"])
     if classification:
         summary["classification"] = classification
     summary["score"] = selection_score(summary, list(spec.regions))
@@ -112,10 +113,11 @@ def evaluate_samples(predictor: Predictor, samples: Iterable[Sample], progress: 
     return rows, summary, kept
 
 
-def _targets(targets: list, kind: str) -> np.ndarray:
+def _targets(targets: list, kind: str, num_classes: int) -> np.ndarray:
+    """Targets as an array; an unknown multi-label target (-1) becomes a row of -1 over every label, so a task whose
+    targets are all unknown still gives an (N, labels) array (and NaN metrics), not an (N, 0) one."""
     if kind == "multilabel":
-        width = max((len(t) for t in targets if t != -1), default=0)
-        return np.array([t if t != -1 else [-1] * width for t in targets], dtype=float)
+        return np.array([t if t != -1 else [-1] * num_classes for t in targets], dtype=float).reshape(-1, num_classes)
     return np.asarray(targets, dtype=float)
 
 

@@ -206,6 +206,8 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def _confusion(pred: np.ndarray, target: np.ndarray) -> torch.Tensor:
     """(N, C) 0/1 predictions and targets -> (C, 4) TP/FP/TN/FN summed over samples (MONAI needs floats)."""
     pred_t, target_t = (torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (pred, target))
+    if not len(pred_t):  # no known target: all counts 0 (MONAI cannot reshape an empty batch), every rate NaN
+        return torch.zeros((pred_t.shape[1], 4), dtype=torch.float64)
     return get_confusion_matrix(pred_t, target_t).sum(dim=0)
 
 
