@@ -9,8 +9,10 @@ the whole array up front so that truncated or corrupt files fail at load time wi
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _replace_atomically(Path(path), ".tmp", write)
 
 
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: bool = False) -> None:
+    """Copy ``src`` to ``dst`` atomically, byte for byte, or gzip-compressed when ``compress`` (an uncompressed
+    ``.nii`` stored as ``.nii.gz``: the same bytes once decompressed)."""
+
+    def write(temp: Path) -> None:
+        with open(src, "rb") as source, open(temp, "wb") as raw:
+            if compress:  # nibabel's level 1, no name or time in the gzip header: a source gives the same bytes
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as packed:
+                    shutil.copyfileobj(source, packed, 1 << 20)
+            else:
+                shutil.copyfileobj(source, raw, 1 << 20)
+            raw.flush()
+            os.fsync(raw.fileno())
+
+    _replace_atomically(Path(dst), ".tmp", write)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -138,6 +157,7 @@ def save_nifti(
     header = reference_header.copy() if reference_header is not None else nib.Nifti1Header()
     header.set_data_dtype(array.dtype)
     header.set_slope_inter(None, None)
+    header["cal_min"], header["cal_max"] = 0, 0  # the source's display window would hide a 0-4 mask
     image = nib.Nifti1Image(array, affine, header)
     if reference_header is not None:
         image.set_qform(affine, code=int(reference_header["qform_code"]))

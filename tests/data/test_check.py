@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medtriad.data.check import Problem, check_dataset, format_problems
 from medtriad.data.layout import Box, ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv
@@ -96,3 +97,24 @@ def test_dataset_level_problem(tmp_path):
     (problem,) = check_dataset(tmp_path, progress=False)
     assert problem.case_id is None and "dataset.json" in problem.message
     assert str(Problem(None, None, "x")) == "dataset: x"
+
+
+def test_loading_a_label_with_nan_or_fractions_names_case_and_file(tmp_path):
+    """`evaluate` and `predict` load cases without `check` first: a float label map holding NaN or 1.4 fails with
+    the case and file named instead of being rounded (NaN to an arbitrary integer, 1.4 to 1)."""
+    from medtriad.data.layout import load_dataset
+    from medtriad.data.transforms import load_sample
+    from medtriad.io import CaseFileError
+
+    spec = make_dataset(tmp_path)
+    _, cases = load_dataset(tmp_path)
+    clean = next(c for c in cases if c.case_id == "clean")
+    assert load_sample(clean, spec, (1.0, 1.0, 1.0)).label.max() == 4
+    for value, message in [(np.nan, "NaN"), (1.4, "non-integer values")]:
+        label = np.zeros(SHAPE, np.float32)
+        label[1:3, 1:3, 1:3] = 4
+        label[4, 4, 4] = value
+        save_nifti(spec.label_file("clean"), label, AFFINE)
+        with pytest.raises(CaseFileError, match=message) as info:
+            load_sample(clean, spec, (1.0, 1.0, 1.0))
+        assert info.value.case_id == "clean" and info.value.path == spec.label_file("clean")

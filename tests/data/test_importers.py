@@ -145,3 +145,40 @@ def test_unexpected_label_values_rejected(tmp_path):
     with pytest.raises(CaseFileError, match=r"unexpected label values \[5\]") as info:
         import_brats(src, tmp_path / "out", progress=False)
     assert info.value.path == seg_path
+
+
+def test_resection_cavity_of_the_2023_naming_is_refused(tmp_path):
+    """In BraTS 2021 files 4 is enhancing tumour (mapped to 3); in the 2023+ naming it is BraTS 2024's resection
+    cavity, which must not become enhancing tumour."""
+    src = write_brats2021_tree(tmp_path / "src")
+    seg_path = src / "BraTS-GLI-00003-000" / "BraTS-GLI-00003-000-seg.nii.gz"
+    seg = load_nifti(seg_path)[0]
+    write_volume(seg_path, np.where(seg == 3, 4, seg).astype(np.uint8))
+    with pytest.raises(CaseFileError, match="resection cavity") as info:
+        import_brats(src, tmp_path / "out", progress=False)
+    assert info.value.path == seg_path
+
+
+def test_unpacked_nii_sources_import_like_compressed_ones(tmp_path):
+    """A release unpacked to .nii: found, stored as .nii.gz holding the same bytes once decompressed, and read back
+    as the same data; the source stays .nii."""
+    import gzip
+
+    src = write_brats2021_tree(tmp_path / "src")
+    reference = import_brats(src, tmp_path / "ref", min_box_volume_mm3=10.0, progress=False)
+    case = src / "BraTS2021_00001"
+    for path in sorted(case.glob("*.nii.gz")):
+        nib.save(nib.load(path), path.with_name(path.name[:-3]))
+        path.unlink()
+    unpacked = snapshot(src)
+    out = import_brats(src, tmp_path / "out", min_box_volume_mm3=10.0, progress=False)
+    assert snapshot(src) == unpacked
+    _, cases = load_dataset(out)
+    _, expected = load_dataset(reference)
+    for got, want in zip(cases, expected):
+        for channel in range(4):
+            np.testing.assert_array_equal(load_nifti(got.image_files[channel])[0],
+                                          load_nifti(want.image_files[channel])[0])
+        np.testing.assert_array_equal(load_nifti(got.label_file)[0], load_nifti(want.label_file)[0])
+    flair = out / "imagesTr" / "BraTS2021_00001_0000.nii.gz"
+    assert gzip.decompress(flair.read_bytes()) == (case / "BraTS2021_00001_flair.nii").read_bytes()

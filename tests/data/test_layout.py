@@ -57,6 +57,7 @@ def test_plain_nnunet_dataset_json_loads_with_defaults(tmp_path):
     "edit, key",
     [
         (lambda d: d.pop("labels"), "labels"),
+        (lambda d: d.update({"modality": d.pop("channel_names")}), "channel_names"),  # nnU-Net v1's key
         (lambda d: d["channel_names"].update({"x": "T2"}), "channel_names"),
         (lambda d: d["channel_names"].update({"5": "T2"}), "channel_names"),
         (lambda d: d["medtriad"]["regions"].update({"TC": [1, 9]}), "medtriad.regions.TC"),
@@ -125,11 +126,12 @@ def test_classes_csv_round_trip(tmp_path):
         ("case,finding:bleed\nc1,1\n", "needs all columns"),
         ("case,finding:bleed,finding:cyst\nc1,1,\n", r"row 2: finding cells"),
         ("case,finding:bleed,finding:cyst\nc1,1,2\n", r"row 2: finding cells"),
+        ("case,grade\nc1,H\xc9GG\n".encode("latin-1"), "not UTF-8 text"),
     ],
 )
 def test_bad_classes_csv_names_file_row_value(tmp_path, rows, match):
     path = tmp_path / "classes.csv"
-    path.write_text(rows)
+    path.write_bytes(rows if isinstance(rows, bytes) else rows.encode())
     with pytest.raises(ValueError, match=match) as info:
         read_classes_csv(path, make_spec(tmp_path))
     assert str(path) in str(info.value)
@@ -146,3 +148,11 @@ def test_boxes_json_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"c1": [{"voxel": [0, 0, 0, 1, 1], "world": [0] * 6}]}))
     with pytest.raises(ValueError, match="6 numbers"):
         read_boxes_json(tmp_path / "bad.json")
+
+
+def test_classes_csv_saved_by_a_spreadsheet_reads_like_a_plain_one(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark and ends lines with CRLF."""
+    path = tmp_path / "classes.csv"
+    path.write_bytes("\ufeffcase,grade,site\r\nc1,HGG,b\r\nc2,LGG,\r\n".encode("utf-8"))
+    assert read_classes_csv(path, make_spec(tmp_path)) == {"c1": {"grade": 1, "site": 1, "finding": None},
+                                                           "c2": {"grade": 0, "site": None, "finding": None}}

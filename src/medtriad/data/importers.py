@@ -2,15 +2,14 @@
 
 ``import_brats`` reads a BraTS training release as distributed and writes imagesTr/labelsTr,
 dataset.json, boxes.json (components of the whole tumour) and, for BraTS 2018, classes.csv with
-the glioma grade. The source folder is only read: images are copied byte for byte, label files
-are re-written as uint8 (the releases mix int16 and uint8).
+the glioma grade. The source folder is only read: images are copied byte for byte (an uncompressed ``.nii`` is
+gzip-compressed into ``.nii.gz``), label files are re-written as uint8 (the releases mix int16 and uint8).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from medtriad.data.boxes import boxes_from_mask
 from medtriad.data.layout import ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv
-from medtriad.io import CaseFileError, load_nifti, save_nifti
+from medtriad.io import CaseFileError, atomic_copy, load_nifti, save_nifti
 
 __all__ = ["import_brats"]
 
@@ -38,11 +37,13 @@ class _SourceCase:
 
 
 def _modality_file(case: _SourceCase, names: tuple[str, ...]) -> Path | None:
+    """``<case>_<name>`` (BraTS 2018-2021) or ``<case>-<name>`` (2023+), as .nii.gz or an unpacked .nii."""
     for name in names:
         for separator in ("_", "-"):
-            path = case.folder / f"{case.case_id}{separator}{name}.nii.gz"
-            if path.is_file():
-                return path
+            for ending in (".nii.gz", ".nii"):
+                path = case.folder / f"{case.case_id}{separator}{name}{ending}"
+                if path.is_file():
+                    return path
     return None
 
 
@@ -115,10 +116,14 @@ def _prepare_out(src: Path, out: Path, name: str) -> None:
 
 
 def _read_label(path: Path, case_id: str, style: str) -> tuple[np.ndarray, np.ndarray]:
-    """The label map as uint8 in the dataset's convention; 2021+ files holding 4 get 4 -> 3."""
+    """The label map as uint8 in the dataset's convention; BraTS 2021 files (``<case>_seg``) holding 4 for enhancing
+    tumour get 4 -> 3. In the 2023+ naming (``<case>-seg``) 4 is BraTS 2024's resection cavity: refused."""
     label, affine = load_nifti(path, case_id)
     values = set(np.unique(label).tolist())
     allowed = {0, 1, 2, 4} if style == "2018" else {0, 1, 2, 3}
+    if style == "2021" and 4 in values and path.name.startswith(f"{case_id}-"):
+        raise CaseFileError(case_id, path, "label 4 in a BraTS 2023+ file is BraTS 2024's resection cavity, which "
+                                           "this importer does not map (labels 0/1/2/3 expected)")
     if style == "2021" and 4 in values:
         if 3 in values:
             raise CaseFileError(case_id, path, "label file holds both 3 and 4 (enhancing tumour); cannot map 4 -> 3")
@@ -138,7 +143,8 @@ def import_brats(
     BraTS 2018 style: ``src/{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``, labels 0/1/2/4,
     task "grade" (LGG/HGG) from the parent folder. BraTS 2021+ style: ``src/<case>/`` with
     ``<case>_{flair,t1,t1ce,t2,seg}`` (2021) or ``<case>-{t2f,t1n,t1c,t2w,seg}`` (2023), labels
-    0/1/2/3 (a file holding 4 for enhancing tumour is mapped to 3), no classification task.
+    0/1/2/3 (a 2021 file holding 4 for enhancing tumour is mapped to 3; a 4 in a 2023-named file, BraTS 2024's
+    resection cavity, is refused), no classification task. Files are .nii.gz or unpacked .nii.
     Channels: 0 FLAIR, 1 T1, 2 T1ce, 3 T2. A case without seg file gets no label and no boxes.
     ``out`` must be empty, absent, or an earlier import of the same dataset (files are overwritten).
     Raises CaseFileError naming case and file for missing or unreadable source files.
@@ -157,9 +163,10 @@ def import_brats(
             path = _modality_file(case, names)
             if path is None:
                 expected = case.folder / f"{case.case_id}_{names[0]}.nii.gz"
-                raise CaseFileError(case.case_id, expected, f"missing {CHANNEL_NAMES[channel]} file")
+                raise CaseFileError(case.case_id, expected, f"missing {CHANNEL_NAMES[channel]} file (also looked "
+                                                            f"for {case.case_id}-{names[1]}.nii.gz and .nii files)")
             load_nifti(path, case.case_id)  # reads everything: corrupt or truncated files fail here
-            shutil.copyfile(path, spec.image_file(case.case_id, channel))
+            atomic_copy(path, spec.image_file(case.case_id, channel), compress=path.suffix == ".nii")
         seg = _modality_file(case, ("seg",))
         if seg is not None:
             label, affine = _read_label(seg, case.case_id, style)

@@ -150,10 +150,11 @@ class DatasetSpec:
                 raise ValueError(f"{path}: key {where}{key!r} has bad value {value!r}")
             return value
 
+        names = get(content, "channel_names", dict, "")
         try:
-            channel_names = {int(k): str(v) for k, v in get(content, "channel_names", dict, "").items()}
+            channel_names = {int(k): str(v) for k, v in names.items()}
         except ValueError:
-            keys = list(content["channel_names"])
+            keys = list(names)
             raise ValueError(f"{path}: key 'channel_names' must have integer keys, got {keys}") from None
         labels = get(content, "labels", dict, "")
         for name, value in labels.items():
@@ -365,40 +366,43 @@ def read_classes_csv(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, di
     """
     path = Path(path)
     columns = _columns(spec)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if not header or header[0] != "case":
-            raise ValueError(f"{path}: the first column must be 'case', got header {header}")
-        unknown = [c for c in header[1:] if c not in columns]
-        if unknown:
-            raise ValueError(f"{path}: unknown columns {unknown}; expected some of {list(columns)}")
+    try:  # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of 'case'
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error}); save it as CSV UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    if not header or header[0] != "case":
+        raise ValueError(f"{path}: the first column must be 'case', got header {header}")
+    unknown = [c for c in header[1:] if c not in columns]
+    if unknown:
+        raise ValueError(f"{path}: unknown columns {unknown}; expected some of {list(columns)}")
+    for task in spec.tasks.values():
+        present = [c for c in columns if columns[c][0] == task.name and c in header]
+        if task.kind == "multilabel" and present and len(present) != len(task.classes):
+            raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
+    result: dict[str, dict[str, ClassValue]] = {}
+    for row_number, row in enumerate(reader, start=2):
+        case_id = (row.get("case") or "").strip()
+        where = f"{path}, row {row_number}"
+        if not case_id:
+            raise ValueError(f"{where}: empty case id")
+        if case_id in result:
+            raise ValueError(f"{where}: duplicate case {case_id!r}")
+        values: dict[str, ClassValue] = {}
         for task in spec.tasks.values():
-            present = [c for c in columns if columns[c][0] == task.name and c in header]
-            if task.kind == "multilabel" and present and len(present) != len(task.classes):
-                raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
-        result: dict[str, dict[str, ClassValue]] = {}
-        for row_number, row in enumerate(reader, start=2):
-            case_id = (row.get("case") or "").strip()
-            where = f"{path}, row {row_number}"
-            if not case_id:
-                raise ValueError(f"{where}: empty case id")
-            if case_id in result:
-                raise ValueError(f"{where}: duplicate case {case_id!r}")
-            values: dict[str, ClassValue] = {}
-            for task in spec.tasks.values():
-                if task.kind != "multilabel":
-                    cell = (row.get(task.name) or "").strip()
-                    if cell and cell not in task.classes:
-                        raise ValueError(f"{where}: {task.name} = {cell!r} is not one of {list(task.classes)}")
-                    values[task.name] = task.classes.index(cell) if cell else None
-                    continue
-                cells = [(row.get(f"{task.name}:{c}") or "").strip() for c in task.classes]
-                bad = [cell for cell in cells if cell not in ("", "0", "1")]
-                if bad or (any(cells) and not all(cells)):
-                    raise ValueError(f"{where}: {task.name} cells must all be 0/1 or all empty, got {cells}")
-                values[task.name] = tuple(int(c) for c in cells) if all(cells) else None
-            result[case_id] = values
+            if task.kind != "multilabel":
+                cell = (row.get(task.name) or "").strip()
+                if cell and cell not in task.classes:
+                    raise ValueError(f"{where}: {task.name} = {cell!r} is not one of {list(task.classes)}")
+                values[task.name] = task.classes.index(cell) if cell else None
+                continue
+            cells = [(row.get(f"{task.name}:{c}") or "").strip() for c in task.classes]
+            bad = [cell for cell in cells if cell not in ("", "0", "1")]
+            if bad or (any(cells) and not all(cells)):
+                raise ValueError(f"{where}: {task.name} cells must all be 0/1 or all empty, got {cells}")
+            values[task.name] = tuple(int(c) for c in cells) if all(cells) else None
+        result[case_id] = values
     return result
 
 

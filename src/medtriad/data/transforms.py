@@ -212,7 +212,13 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
                                 f"label shape {label.shape} differs from image shape {geometry.shape}")
         if not np.allclose(label_affine, affine, atol=1e-3):
             raise CaseFileError(case.case_id, case.label_file, "label affine differs from the image affine")
-        label = np.rint(label).astype(np.int16)
+        if not np.isfinite(label).all():  # (evaluate reads labels without `check` first)
+            raise CaseFileError(case.case_id, case.label_file, "label holds NaN or infinite values")
+        rounded = np.rint(label)
+        if not np.array_equal(rounded, label):
+            values = np.unique(label[rounded != label])[:5].tolist()
+            raise CaseFileError(case.case_id, case.label_file, f"label holds non-integer values, e.g. {values}")
+        label = rounded.astype(np.int16)
         unknown = sorted(set(np.unique(label).tolist()) - set(spec.labels.values()))
         if unknown:
             raise CaseFileError(case.case_id, case.label_file,
