@@ -100,7 +100,10 @@ def make_geometry(affine: np.ndarray, shape: Sequence[int], spacing: Sequence[fl
 
 
 def resample(array: np.ndarray | torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
-    """(C, X, Y, Z) -> (C, *size) with trilinear or nearest-exact interpolation."""
+    """(C, X, Y, Z) -> (C, *size) by ``F.interpolate`` in ``mode``: ``trilinear`` (align_corners=False, the grid
+    convention of :func:`make_geometry`) for images and region masks, ``nearest`` for instance maps (output voxel j
+    takes input voxel floor(j * scale): at BraTS's 1 mm -> 2 mm, the first of the two input voxels it covers, where
+    ``nearest-exact`` would take the second; both lie inside the output voxel)."""
     t = torch.as_tensor(array)
     dtype = t.dtype
     out = F.interpolate(t[None].float(), size=tuple(size), mode=mode,
