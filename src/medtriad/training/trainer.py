@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import time
@@ -57,6 +56,7 @@ from medtriad.data.check import check_dataset, format_problems
 from medtriad.data.layout import Case, DatasetSpec, load_dataset, read_splits
 from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
 from medtriad.evaluation.evaluate import headline_metrics, score_case, summarize_scores
+from medtriad.evaluation.run import read_run_split
 from medtriad.inference.predictor import Predictor, pick_device
 from medtriad.io import write_json
 from medtriad.models.heads.detection import anchor_shapes_from_boxes
@@ -450,7 +450,7 @@ class Trainer:
                              "run folder with the new config")
         path = self.run_dir / "split.json"
         try:
-            saved = json.loads(path.read_text())
+            saved = read_run_split(self.run_dir, "--resume continues on the fold it records")
             fold = int(saved["fold"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"--resume: cannot read the run's split from {path}: {error}") from None
