@@ -195,6 +195,10 @@ class InferenceConfig:
             with no box at all keeps its mask). Applied before ``largest_components``; ignored by models without a
             detection head (a recipe's single-task variants). Removes false positives far from every detected lesion
             while keeping a second lesion the detector found. ``None``: off.
+        detection_gate_fraction: with ``detection_gate`` on (ignored without it), each of the boxes the gate uses
+            keeps only the components it touches that have at least this fraction of the voxels of the largest
+            component it touches (a box stands for one lesion): small false positives inside an oversized box go.
+            ``0``: off (every component touching a box is kept). See :func:`medtriad.inference.predictor.gate_by_boxes`.
         precision: ``fp32`` (default), or ``bf16``: the encoder and heads run under bfloat16 autocast on CUDA and on
             CPUs with native bfloat16 instructions (float32 with a warning on other CPUs), probabilities and boxes
             cast back to float32; ``auto``: bfloat16 on CUDA only. See :mod:`medtriad.precision`.
@@ -210,6 +214,7 @@ class InferenceConfig:
     segmentation_threshold: float | dict[str, float] = 0.5
     largest_components: int | None = None
     detection_gate: float | None = None
+    detection_gate_fraction: float = 0.0
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -222,6 +227,9 @@ class InferenceConfig:
         gate = self.detection_gate
         if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate <= 1):
             raise ValueError(f"inference.detection_gate must be a box score in [0, 1] or null (off); got {gate!r}")
+        f = self.detection_gate_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ValueError(f"inference.detection_gate_fraction must be a fraction in [0, 1] (0: off); got {f!r}")
         t = self.segmentation_threshold
         values = list(t.values()) if isinstance(t, dict) else [t]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in values) or (

@@ -194,9 +194,32 @@ def test_gate_by_boxes_keeps_whole_components_touching_a_confident_box():
                                   mask)
 
 
+def test_gate_fraction_drops_specks_sharing_a_box_with_a_larger_component():
+    """One oversized box over a lesion and a speck far from it (the false positive it cannot tell apart), and a
+    second box over a small second lesion: with ``min_fraction`` the speck goes, the second lesion (the largest in
+    its own box) stays; without it both stay."""
+    mask = np.zeros((30, 12, 12), np.uint8)
+    mask[2:8, 2:8, 2:8] = 2  # the lesion, 216 voxels
+    mask[3:6, 3:6, 3:6] = 4
+    mask[12:14, 9:11, 9:11] = 1  # a speck of 8 voxels, apart from the lesion but inside the big box
+    mask[24:26, 4:6, 4:6] = 2  # a second small lesion, 8 voxels, in a box of its own
+    boxes = np.array([[0, 0, 0, 16, 12, 12], [23, 3, 3, 27, 7, 7]], np.float32)
+    scores = np.array([0.99, 0.8], np.float32)
+    np.testing.assert_array_equal(gate_by_boxes(mask, boxes, scores, 0.5), mask)
+    gated = gate_by_boxes(mask, boxes, scores, 0.5, min_fraction=0.1)
+    np.testing.assert_array_equal(gated[:10], mask[:10])  # the lesion whole, labels kept
+    assert not gated[10:20].any()  # the speck is gone (8 < 0.1 * 216)
+    np.testing.assert_array_equal(gated[20:], mask[20:])  # the second lesion stays
+    np.testing.assert_array_equal(gate_by_boxes(mask, boxes, scores, 0.5, min_fraction=0.03), mask)  # 8 >= 6.5
+    for bad in (1.5, -0.1, True, "some"):
+        with pytest.raises(ValueError, match="detection_gate_fraction"):
+            InferenceConfig(detection_gate=0.5, detection_gate_fraction=bad)
+
+
 def test_detection_gate_setting_removes_segmentation_outside_confident_boxes():
     """A fake detection head boxes every bright component of its window, the lesion (largest) with score 0.9 and a
-    far blob with 0.3: the gate at 0.5 drops the blob's mask and keeps the lesion's, at 0.2 keeps both."""
+    far blob with 0.3: the gate at 0.5 drops the blob's mask and keeps the lesion's, at 0.2 keeps both. One box over
+    the whole window keeps both, unless ``detection_gate_fraction`` drops the blob for being small beside the lesion."""
     predictor = _blob_model()
     seg = predictor.model.heads["segmentation"]
 
@@ -222,6 +245,17 @@ def test_detection_gate_setting_removes_segmentation_outside_confident_boxes():
     assert (gated[lesion] > 0).mean() > 0.9
     predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.2)
     np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, plain.mask)
+
+    class OneBigBox(torch.nn.Module):  # one box over the whole window: the gate alone keeps the blob
+        def forward(self, features, roi):
+            box = torch.tensor([[0.0, 0.0, 0.0, *seg.image.shape[2:]]])
+            return [{"boxes": box, "labels_scores": torch.tensor([0.9])}]
+
+    predictor.model.heads["detection"] = OneBigBox()
+    np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, plain.mask)
+    predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.5, detection_gate_fraction=0.5)
+    np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, gated)  # the fraction drops it
+    predictor.model.heads["detection"] = Boxes()
     predictor.spec.heads = ["segmentation"]  # a segmentation-only model ignores the gate
     predictor.inference = InferenceConfig(roi_size=None, detection_gate=0.5)
     np.testing.assert_array_equal(predictor.predict(image, np.eye(4)).mask, plain.mask)

@@ -297,7 +297,8 @@ class Predictor:
         pred.scores = grid.scores[keep].numpy().astype(np.float32)
         if pred.mask is not None:
             if self.inference.detection_gate is not None and "detection" in self.spec.heads:  # else: no gate
-                pred.mask = gate_by_boxes(pred.mask, pred.boxes_voxel, pred.scores, self.inference.detection_gate)
+                pred.mask = gate_by_boxes(pred.mask, pred.boxes_voxel, pred.scores, self.inference.detection_gate,
+                                          self.inference.detection_gate_fraction)
             if self.inference.largest_components:
                 pred.mask = keep_largest_components(pred.mask, self.inference.largest_components)
         for task, p in grid.class_probs.items():
@@ -423,18 +424,25 @@ def keep_largest_components(mask: np.ndarray, n: int = 1) -> np.ndarray:
     return np.where(kept[components], mask, 0).astype(mask.dtype, copy=False)
 
 
-def gate_by_boxes(mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, min_score: float) -> np.ndarray:
+def gate_by_boxes(mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, min_score: float,
+                  min_fraction: float = 0.0) -> np.ndarray:
     """``mask`` (X, Y, Z) label map with every 26-connected foreground component (all labels together) that has no
     voxel centre inside one of the (N, 6) half-open xyzxyz voxel ``boxes`` scoring at least ``min_score`` set to 0;
     when no box reaches ``min_score`` the top-scoring box serves, and without boxes the mask is returned as it is.
-    Labels inside kept components are untouched."""
+    With ``min_fraction`` > 0 a box keeps only the components it touches whose whole size is at least that fraction
+    of the largest one it touches (a box stands for one lesion, as boxes derived from masks are one per connected
+    component): small false positives inside an oversized box go; a second lesion in a box of its own stays unless
+    that box also touches a much larger component. Labels inside kept components are untouched."""
     if not len(boxes) or not mask.any():
         return mask
     confident = scores >= min_score
     chosen = boxes[confident] if confident.any() else boxes[[int(np.argmax(scores))]]
-    inside = np.zeros(mask.shape, dtype=bool)
-    for lo, hi in zip(*centre_index_ranges(chosen, mask.shape)):
-        inside[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
     components = instances_from_mask(mask != 0, np.eye(4), 0.0)
-    kept = np.unique(components[inside & (components > 0)])
-    return np.where(np.isin(components, kept), mask, 0).astype(mask.dtype, copy=False)
+    sizes = np.bincount(components.ravel())
+    kept = np.zeros(len(sizes), dtype=bool)
+    for lo, hi in zip(*centre_index_ranges(chosen, mask.shape)):
+        present = np.bincount(components[tuple(slice(a, b) for a, b in zip(lo, hi))].ravel(), minlength=len(sizes))
+        touched = np.flatnonzero(present[1:]) + 1  # ids of the components with a voxel centre in this box
+        if len(touched):
+            kept[touched[sizes[touched] >= min_fraction * sizes[touched].max()]] = True
+    return np.where(kept[components], mask, 0).astype(mask.dtype, copy=False)
