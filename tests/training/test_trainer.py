@@ -138,6 +138,10 @@ def test_resume_refuses_another_fold_config_or_dataset(synth_dataset, tmp_path, 
     assert (run / "checkpoints" / "last" / "state.json").read_bytes() == checkpoint  # nothing was overwritten
     assert main(resume + ["-c", "tiny", "--fold", "1"] + as_args) == 0  # the same config and fold: nothing to do
     assert main(resume + ["--set", "training.epochs=1"]) == 0
+    (run / "split.json").unlink()  # a run without its split cannot say which fold to go on with
+    assert main(resume) != 0
+    err = capsys.readouterr().err
+    assert err.count("split.json") == 1 and "not found" in err and "Traceback" not in err
 
 
 def test_ema_checkpoint_holds_the_average(synth_dataset, tmp_path, monkeypatch):

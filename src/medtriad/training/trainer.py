@@ -452,6 +452,8 @@ class Trainer:
         try:
             saved = read_run_split(self.run_dir, "--resume continues on the fold it records")
             fold = int(saved["fold"])
+        except FileNotFoundError as error:  # its message names the file and why it is needed
+            raise ValueError(f"--resume: {error}") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"--resume: cannot read the run's split from {path}: {error}") from None
         if self._fold_given and self.fold != fold:
