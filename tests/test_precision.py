@@ -19,6 +19,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def test_autocast_dtype_per_device(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device=None: True)
     assert autocast_dtype("auto", CPU) is None  # the default leaves CPU training in float32
     assert autocast_dtype("auto", CUDA) is torch.bfloat16
     assert autocast_dtype("bf16", CPU) is torch.bfloat16
@@ -32,7 +33,20 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no native bfloat16"):
         assert autocast_dtype("bf16", CPU) is None
-    assert autocast_dtype("bf16", CUDA) is torch.bfloat16  # GPUs are not asked
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device=None: True)
+    assert autocast_dtype("bf16", CUDA) is torch.bfloat16  # the GPU's own answer counts there
+
+
+def test_a_gpu_without_native_bf16_autocasts_to_float16(monkeypatch):
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device=None: False)  # e.g. a V100 or T4
+    assert autocast_dtype("auto", CUDA) is torch.float16
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert autocast_dtype("bf16", CUDA) is torch.float16
+    assert autocast_dtype("fp32", CUDA) is None
+
+
+def test_gpu_probe_answers_a_bool():
+    assert isinstance(precision.cuda_has_native_bf16(), bool)
 
 
 def test_cpu_probe_answers_a_bool():

@@ -39,8 +39,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from medtriad.config import Config
 from medtriad.evaluation.evaluate import headline_metrics
 from medtriad.io import atomic_write_text, write_json
-from medtriad.models.heads.detection import anchor_shapes_from_boxes
+from medtriad.models.heads.detection import DEFAULT_STRIDES, anchor_shapes_from_boxes
 from medtriad.models.multitask import ModelSpec, MultiTaskModel, check_input_size
+from medtriad.training.losses import loss_head
 
 #: row name -> heads; "multi" first, then one single-task model per head
 VARIANTS: dict[str, list[str]] = {
@@ -71,7 +72,8 @@ def brats_model_spec(config: Config, encoder: str | None = None,
     config = config_with_encoder(config, encoder)
     box_vox = np.asarray(box_mm, dtype=float) / np.asarray(config.data.spacing, dtype=float)
     detection = dict(config.model.detection)
-    detection.setdefault("anchor_shapes", anchor_shapes_from_boxes(box_vox[None], config.data.patch_size))
+    detection.setdefault("anchor_shapes", anchor_shapes_from_boxes(
+        box_vox[None], config.data.patch_size, strides=detection.get("strides", DEFAULT_STRIDES)))
     detection.setdefault("score_threshold", config.inference.score_threshold)
     detection.setdefault("nms_threshold", config.inference.nms_threshold)
     detection.setdefault("max_detections", config.inference.max_detections)
@@ -113,7 +115,8 @@ def count_flops(model: nn.Module, *inputs: Any) -> int:
     """FLOPs of one ``model(*inputs)`` call as PyTorch's flop counter counts them.
 
     The counter covers matrix multiplications and convolutions (2 FLOPs per multiply-accumulate; biases,
-    normalisation, activations and NMS are not counted), the convention of fvcore and most papers' "FLOPs".
+    normalisation, activations and NMS are not counted). fvcore and many papers (MTMed3D among them) count one
+    multiply-accumulate as one "FLOP": their figures compare with the GMACs column (half of these).
     """
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*inputs)
@@ -243,7 +246,9 @@ def measure_variants(specs: dict[str, ModelSpec], input_size: Sequence[int], dev
                      progress: bool = False) -> dict[str, dict[str, Any]]:
     """Per model: heads, parameters, FLOPs and MACs of one forward pass, latency per device (interleaved over the
     models, see :func:`measure_latencies`) and peak memory per device (MiB; CPU in a child process, see
-    :func:`measure_cpu_memory`), all on one random input of shape (1, C, *input_size)."""
+    :func:`measure_cpu_memory`), all on one random input of shape (1, C, *input_size). The weights are freshly
+    initialised (a trained detection head sends more boxes to NMS) and CPU models keep PyTorch's default memory
+    layout (``predict`` runs them channels-last): the architectures' costs, not a trained model's under ``predict``."""
     torch.manual_seed(0)
     models = {name: MultiTaskModel(spec).eval() for name, spec in specs.items()}
     for model in models.values():
@@ -286,10 +291,7 @@ def variant_config(config: Config, heads: Sequence[str]) -> Config:
     cfg = copy.deepcopy(config)
     cfg.model.heads = tuple(heads)
 
-    def kept(task: str) -> bool:
-        return ("classification" if task.startswith("class:") else task) in heads
-
-    cfg.training.loss_weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if kept(k)}
+    cfg.training.loss_weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if loss_head(k) in heads}
     return cfg
 
 

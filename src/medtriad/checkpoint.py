@@ -6,15 +6,17 @@ A checkpoint is a folder::
     optimizer.safetensors   every tensor of the optimizer / scheduler / RNG state, flattened by key path
     state.json              epoch, step, metrics, and the non-tensor rest of that state
 
-A new checkpoint is written into ``NAME.tmp`` and swapped in by renames; the previous one survives as ``NAME.old``
-until the swap is complete, and :func:`resolve_checkpoint` falls back to it. Nothing is ever unpickled: weights and
-state load from safetensors and JSON only, so a checkpoint from an untrusted source cannot run code.
+A new checkpoint is written into ``NAME.tmp``, flushed to disk, and swapped in by renames; the previous one survives
+as ``NAME.old`` until the swap is complete, and :func:`resolve_checkpoint` falls back to it. Nothing is ever unpickled:
+weights and state load from safetensors and JSON only, so a checkpoint from an untrusted source cannot run code.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +70,34 @@ def save_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], state:
     plain = _flatten(state, "s", tensors)
     save_file(tensors, str(tmp / TENSORS))
     write_json(tmp / STATE, plain)
+    for path in (tmp / WEIGHTS, tmp / TENSORS, tmp):  # on disk before the swap, so a power cut cannot empty them
+        _fsync(path)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     tmp.rename(folder)
+    _fsync(folder.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk. Folders are best effort: Windows cannot open one for this, and
+    some file systems refuse to sync one."""
+    if path.is_dir():
+        if os.name == "nt":
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        return
+    with open(path, "rb+") as f:  # a writable handle: Windows' flush needs one
+        os.fsync(f.fileno())
 
 
 def resolve_checkpoint(folder: str | Path) -> Path:
@@ -95,7 +119,12 @@ def owned_by(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def load_state(folder: str | Path) -> dict[str, Any]:
+def load_state(folder: str | Path, tensors: bool = True) -> dict[str, Any]:
+    """A checkpoint's state; ``tensors=False`` reads state.json alone (optimizer tensors come back as None), for a
+    quick look at the epoch, step or scores."""
     folder = resolve_checkpoint(folder)
-    tensors = load_file(str(folder / TENSORS)) if (folder / TENSORS).is_file() else {}
-    return _unflatten(json.loads((folder / STATE).read_text()), tensors)
+    if tensors:
+        stored = load_file(str(folder / TENSORS)) if (folder / TENSORS).is_file() else {}
+    else:
+        stored = defaultdict(lambda: None)
+    return _unflatten(json.loads((folder / STATE).read_text()), stored)

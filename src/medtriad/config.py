@@ -131,9 +131,9 @@ class TrainingConfig:
         ema_decay: 0 = off; otherwise an exponential moving average of the weights with this decay per step (timm's
             model EMA, built on PyTorch's ``AveragedModel``; batch-norm statistics averaged too) is what validation
             scores and what the checkpoints hold as the model; the raw training weights ride along for ``--resume``.
-        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on the CPU), ``bf16`` (bfloat16 autocast on CUDA
-            and on CPUs with native bfloat16 instructions, float32 on other CPUs) or ``fp32``; see
-            :mod:`medtriad.precision`.
+        precision: ``auto`` (bfloat16 autocast on CUDA, float16 on a GPU without native bfloat16, float32 on the
+            CPU), ``bf16`` (the same on CUDA; bfloat16 on CPUs with native bfloat16 instructions, float32 on other
+            CPUs) or ``fp32``; see :mod:`medtriad.precision`.
     """
 
     epochs: int = 50
@@ -199,9 +199,10 @@ class InferenceConfig:
             keeps only the components it touches that have at least this fraction of the voxels of the largest
             component it touches (a box stands for one lesion): small false positives inside an oversized box go.
             ``0``: off (every component touching a box is kept). See :func:`medtriad.inference.predictor.gate_by_boxes`.
-        precision: ``fp32`` (default), or ``bf16``: the encoder and heads run under bfloat16 autocast on CUDA and on
-            CPUs with native bfloat16 instructions (float32 with a warning on other CPUs), probabilities and boxes
-            cast back to float32; ``auto``: bfloat16 on CUDA only. See :mod:`medtriad.precision`.
+        precision: ``fp32`` (default), or ``bf16``: the encoder and heads run under bfloat16 autocast on CUDA (float16
+            on a GPU without native bfloat16) and on CPUs with native bfloat16 instructions (float32 with a warning on
+            other CPUs), probabilities and boxes cast back to float32; ``auto``: the same on CUDA only. See
+            :mod:`medtriad.precision`.
     """
 
     roi_size: tuple[int, int, int] | None = None

@@ -1,8 +1,10 @@
 """Mixed precision: which dtype, if any, ``torch.autocast`` runs the forward pass in, for training
 (``training.precision``) and for inference (``inference.precision``).
 
-* ``auto`` (training's default): bfloat16 autocast on CUDA, float32 on the CPU.
-* ``bf16``: bfloat16 autocast on CUDA and on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4,
+* ``auto`` (training's default): bfloat16 autocast on CUDA, float32 on the CPU. A GPU without native bfloat16
+  (before Ampere, e.g. V100, T4) autocasts to float16 instead, and training scales the loss with PyTorch's
+  GradScaler, as float16's narrow range needs.
+* ``bf16``: bfloat16 autocast on CUDA (float16 on a GPU without native bfloat16, with a warning) and on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4,
   Intel Cooper Lake / Sapphire Rapids and later), where oneDNN's bfloat16 3D convolutions take about half the time
   of float32 ones (docs/benchmarks.md). A CPU without them would emulate bfloat16, slower than float32, which under a
   time budget means fewer steps: there it stays in float32 and says so once.
@@ -30,6 +32,14 @@ def cpu_has_native_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
+def cuda_has_native_bf16(device: torch.device | None = None) -> bool:
+    """Whether the GPU ``device`` (default: the current one) executes bfloat16 natively (compute capability 8.0,
+    Ampere, or later; ROCm GPUs)."""
+    if not torch.cuda.is_available():
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(precision: str, device: torch.device, setting: str = "training.precision") -> torch.dtype | None:
     """The dtype the forward pass autocasts to on ``device`` under ``precision``; ``None`` = float32 throughout.
     ``setting`` names the config key in messages."""
@@ -38,7 +48,12 @@ def autocast_dtype(precision: str, device: torch.device, setting: str = "trainin
     if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cuda":
-        return torch.bfloat16
+        if cuda_has_native_bf16(device):
+            return torch.bfloat16
+        if precision == "bf16":
+            warnings.warn(f"{setting} bf16: this GPU has no native bfloat16 (it predates Ampere); autocasting to "
+                          "float16 instead", stacklevel=2)
+        return torch.float16
     if precision == "auto":
         return None
     if not cpu_has_native_bf16():

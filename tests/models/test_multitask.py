@@ -83,6 +83,27 @@ def test_detection_state_dict_holds_only_learned_weights():
     assert any(k.startswith("heads.detection.fpn") for k in keys)
 
 
+def test_detection_strides_must_ascend():
+    with pytest.raises(ValueError, match="ascending"):
+        MultiTaskModel(dataclasses.replace(spec(["detection"]), detection={
+            "anchor_shapes": [[3, 3, 3]], "strides": [16, 8, 4]}))
+
+
+def test_detection_anchors_follow_the_model_to_another_device():
+    """MONAI caches anchors by input shape alone; after the model moves (CPU timing, then CUDA in `medtriad benchmark`)
+    the cached ones sit on the old device and must be made again on the new one."""
+    model = MultiTaskModel(spec(["detection"])).eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        first = model(x)["detection"][0]
+        detector = model.heads["detection"].detector
+        detector.anchors = [a.to("meta") for a in detector.anchors]  # as if made on another device
+        again = model(x)["detection"][0]
+    assert all(a.device.type == "cpu" for a in detector.anchors)
+    for key in ("boxes", "labels_scores"):
+        torch.testing.assert_close(again[key], first[key])
+
+
 def test_missing_head_requirements_are_named():
     with pytest.raises(ValueError, match="anchor_shapes"):
         MultiTaskModel(dataclasses.replace(spec(["detection"]), detection={}))
@@ -95,11 +116,15 @@ def test_anchor_shapes_never_exceed_the_patch_and_follow_the_boxes():
     small = rng.uniform(3, 6, size=(40, 3))
     large = rng.uniform(30, 90, size=(40, 3))  # larger than the patch along some axes
     shapes = np.array(anchor_shapes_from_boxes(np.concatenate([small, large]), (64, 64, 48), num_anchors=3,
-                                               num_levels=3))
+                                               strides=(4, 8, 16)))
     assert shapes.shape == (3, 3)
-    coarse = shapes * 4  # the coarsest of three levels scales the base shapes by 2**2
+    coarse = shapes * 4  # the coarsest of three levels scales the base shapes by 16 / 4
     assert np.all(coarse <= np.array([64, 64, 48]) + 1e-6)
     assert coarse.min() < 8 and coarse.max() > 40  # one cluster per size group
+    # four levels (strides 2 to 16): the coarsest scales by 8, and still stays inside the patch
+    four = np.array(anchor_shapes_from_boxes(np.concatenate([small, large]), (64, 64, 48), strides=(2, 4, 8, 16)))
+    assert np.all(four * 8 <= np.array([64, 64, 48]) + 1e-6)
+    assert (four * 8).max() == pytest.approx(coarse.max(), abs=0.1)
     with pytest.raises(ValueError, match="no boxes"):
         anchor_shapes_from_boxes(np.zeros((0, 3)), (64, 64, 64))
 

@@ -12,8 +12,10 @@ from medtriad.training.trainer import Trainer
 dataset, run, out, resume = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "resume"
 config = Config.load(run / "config.yaml") if resume else Config.load(
     "tiny", {"training.epochs": 1, "training.iterations_per_epoch": 2, "training.warmup_iterations": 1,
-             "training.num_folds": 4})
+             "training.num_folds": 4,
+             "training.balancing": "uncertainty"})  # learned loss weights: they too must agree across ranks
 trainer = Trainer(dataset, config, run, progress=False)
 trainer.fit(resume=resume)
-save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, str(out / f"rank{dist.get_rank()}.safetensors"))
+weights = {**trainer.model.state_dict(), **{f"balancer.{k}": v for k, v in trainer.balancer.state_dict().items()}}
+save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"rank{dist.get_rank()}.safetensors"))
 dist.destroy_process_group()

@@ -204,6 +204,32 @@ def test_slice2d_plugins_train_evaluate_and_share_one_backbone(adrenal, tmp_path
         torch.testing.assert_close(grid.heatmaps[task], both.model.heatmap(image[None], task)[0])
 
 
+def test_resuming_a_slice2d_run_keeps_its_backbone(adrenal, tmp_path):
+    """The checkpoints of a slice2d run hold its plugins only: --resume must read RUN/backbone back (not write a fresh
+    random one over it, which would pair the trained plugins with another backbone)."""
+    from safetensors.torch import load_file, save_file
+
+    from medtriad.models.encoders.slice2d import load_vit
+    from medtriad.training.trainer import Trainer
+
+    run, config = tmp_path / "run", _plugin_config()
+    config.training.epochs = 1
+    train(adrenal, config, run, progress=False)
+    stored = run / "backbone" / "model.safetensors"
+    save_file({k: v + 0.5 for k, v in load_file(str(stored)).items()}, str(stored))  # no fresh init gives these
+    before = stored.read_bytes()
+    config = Config.load(run / "config.yaml")
+    config.training.epochs = 2
+    config.save(run / "config.yaml")
+    trainer = Trainer(adrenal, config, run, progress=False)
+    trainer.fit(resume=True)
+    assert stored.read_bytes() == before
+    kept = load_vit(run / "backbone").state_dict()
+    for key, value in trainer.model.encoder.vit.state_dict().items():
+        assert torch.equal(value, kept[key]), key
+    assert json.loads((run / "history.json").read_text())[-1]["epoch"] == 1
+
+
 def test_brats_grade_and_findings_plugins_from_one_config(brats2018, tmp_path):
     """Two tasks (binary grade, multi-label findings with MoLRE) trained as two plugins on one backbone from one
     config, with auxiliary pixel supervision; per-label AUC; heatmaps written in the input geometry."""

@@ -177,5 +177,9 @@ def test_build_balancer_rejects_bad_arguments():
         build_balancer("magic", ["a"])
     with pytest.raises(ValueError, match="shared_parameters"):
         build_balancer("gradnorm", ["a", "b"])
-    with pytest.raises(ValueError, match="tasks"):
-        build_balancer("fixed", ["a", "b"], weights={"a": 1.0})
+    with pytest.raises(ValueError, match=r"\['c'\], which are not tasks"):
+        build_balancer("fixed", ["a", "b"], weights={"a": 1.0, "c": 2.0})
+
+
+def test_fixed_weights_default_to_one_for_tasks_not_named():
+    assert build_balancer("fixed", ["a", "b"], weights={"a": 0.5}).weights() == {"a": 0.5, "b": 1.0}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medtriad.checkpoint import load_state, load_weights
+from medtriad.checkpoint import load_state, load_weights, save_checkpoint
 from medtriad.cli import main
 from medtriad.config import Config
 from medtriad.data.layout import load_dataset
@@ -76,14 +76,14 @@ def test_segresnet_recipes_train_and_evaluate_on_real_brats(brats2018, tmp_path,
     assert ("detection" in summary) == ("detection" in spec["heads"])
 
 
-@pytest.mark.parametrize("ema_decay, fold", [(0.0, 0), (0.9, 1)])
-def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_decay, fold):
+@pytest.mark.parametrize("ema_decay, fold, balancing", [(0.0, 0, "fixed"), (0.9, 1, "uncertainty"),
+                                                        (0.0, 0, "gradnorm")])
+def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_decay, fold, balancing):
     """A run interrupted after its first epoch and resumed with --resume ends with the same weights as a run
     that was never interrupted (same optimizer, scheduler, RNG and patch draws; with EMA, the same average too;
-    on fold 1, resumed without --fold: the run's own fold, not the default 0)."""
-    # with EMA also a learned loss balancer, whose state rides in the same weights file
-    config = Config.load("tiny", {**TINY, "training.ema_decay": ema_decay,
-                                  "training.balancing": "uncertainty" if ema_decay else "fixed"})
+    on fold 1, resumed without --fold: the run's own fold, not the default 0; a learned loss balancer's parameters
+    ride in the same weights file, and GradNorm's own optimizer state in the checkpoint's state)."""
+    config = Config.load("tiny", {**TINY, "training.ema_decay": ema_decay, "training.balancing": balancing})
     straight = train(synth_dataset, config, tmp_path / "a", fold=fold, progress=False)
     assert straight.epochs_done == 2
 
@@ -109,6 +109,47 @@ def test_resume_continues_identically(synth_dataset, tmp_path, monkeypatch, ema_
     state = load_state(run / "checkpoints" / "last")
     assert state["step"] == 4 and state["epoch"] == 1
     assert [r["epoch"] for r in state["history"]] == [0, 1]
+
+
+def test_resume_keeps_a_best_checkpoint_newer_than_last(synth_dataset, tmp_path):
+    """`best` is written before `last`: a crash between the two leaves best recording a higher score than last's
+    record of it. --resume takes the higher, so a worse epoch does not replace that best."""
+    config = Config.load("tiny", {**TINY, "training.epochs": 1})
+    run = tmp_path / "run"
+    train(synth_dataset, config, run, progress=False)
+    best = run / "checkpoints" / "best"
+    state = load_state(best)
+    state["best_score"] = 2.0  # above any reachable score: the epoch the crash lost from last
+    save_checkpoint(best, load_weights(best), state)
+    shutil.copy(run / "model.json", best / "model.json")
+    assert load_state(best, tensors=False)["best_score"] == 2.0
+    config.training.epochs = 2
+    config.save(run / "config.yaml")
+    result = train(synth_dataset, config, run, resume=True, progress=False)
+    assert result.best_score == 2.0 and result.epochs_done == 2
+    assert load_state(best)["epoch"] == 0 and load_state(run / "checkpoints" / "last")["epoch"] == 1
+
+
+def test_the_epoch_in_which_the_budget_runs_out_is_validated(synth_dataset, tmp_path, monkeypatch):
+    """The time budget running out while an epoch is being saved (after its last step was checked) still ends
+    the run with a validated epoch: the next epoch trains one step and is validated, not skipped unvalidated."""
+    config = Config.load("tiny", {**TINY, "training.epochs": 4, "training.validate_every": 10,
+                                  "training.max_minutes": 60})
+    trainer = Trainer(synth_dataset, config, tmp_path / "run", progress=False)
+    saved = []
+
+    def plot_then_run_out(history, path):
+        saved.append(len(history))
+        if len(saved) == 1:
+            trainer._t0 -= 3600  # the hour is spent while the first epoch is saved
+
+    monkeypatch.setattr("medtriad.training.trainer.plot_progress", plot_then_run_out)
+    result = trainer.fit()
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1] and result.epochs_done == 2
+    assert history[0]["validation"] == {} and history[1]["validation"]["num_cases"] >= 1
+    assert history[1]["step"] == TINY["training.iterations_per_epoch"] + 1
+    assert math.isfinite(result.best_score)
 
 
 def test_resume_refuses_another_fold_config_or_dataset(synth_dataset, tmp_path, capsys):
@@ -239,6 +280,28 @@ def test_single_task_is_the_same_builder(synth_dataset, tmp_path):
     weights = load_weights(tmp_path / "run" / "checkpoints" / "last")
     assert not any(k.startswith(("heads.segmentation", "heads.detection")) for k in weights)
     assert math.isfinite(result.best_score)
+
+
+def test_fixed_weights_follow_the_heads_the_dataset_can_train(synth_dataset, tmp_path):
+    """A recipe's fixed loss weights name every head's task (brats-cpu: segmentation, detection, class:grade); on a
+    dataset without a class table the classification head is left out, and its weight with it. A task the recipe does
+    not name weighs 1; a name that is no task of any head is refused."""
+    data = tmp_path / "no-classes"
+    shutil.copytree(synth_dataset, data)
+    (data / "classes.csv").unlink()
+    meta = json.loads((data / "dataset.json").read_text())
+    del meta["medtriad"]["classification"]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    weights = {"segmentation": 1.0, "class:grade": 0.02}
+    trainer = Trainer(data, Config.load("tiny", {**TINY, "training.loss_weights": weights}), tmp_path / "a",
+                      progress=False)
+    trainer.prepare()
+    assert trainer.model_spec.heads == ["segmentation", "detection"]
+    assert trainer.balancer.weights() == {"segmentation": 1.0, "detection": 1.0}
+    typo = Trainer(data, Config.load("tiny", {**TINY, "training.loss_weights": {"segmentaton": 1.0}}), tmp_path / "b",
+                   progress=False)
+    with pytest.raises(ValueError, match="segmentaton"):
+        typo.prepare()
 
 
 def test_a_batch_without_any_target_is_an_empty_step_not_a_crash(synth_dataset, tmp_path, monkeypatch):

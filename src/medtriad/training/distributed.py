@@ -1,13 +1,15 @@
 """PyTorch's own distributed engine for training: torchrun sets the environment, we join the process group.
 
 ``torchrun --nproc_per_node=N -m medtriad train ...`` (or a multi-node rendezvous) starts one process per GPU (or CPU
-worker); :func:`init_distributed` joins them (NCCL on CUDA, Gloo on CPU) and everything else stays PyTorch's:
+worker); :func:`init_distributed` joins them (Gloo for CPU tensors, and NCCL for CUDA ones where CUDA is present, so
+``--device cpu`` works on a GPU machine too) and everything else stays PyTorch's:
 DistributedDataParallel averages gradients, ``all_gather_object`` collects validation results. Rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ def init_distributed() -> tuple[int, int, int]:
     """Join the process group torchrun describes (if any, and if not joined yet); returns (rank, world, local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return 0, 1, 0
@@ -40,6 +42,25 @@ def broadcast(obj: Any, world: int, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], world: int) -> None:
+    """Average the gradients of parameters DDP does not own (the loss balancer's) over the ranks, as DDP does for the
+    model's, so they stay identical on every rank. One all-reduce for all of them; a rank without a gradient for a
+    parameter (its task absent from that rank's batch) adds zeros, and a parameter no rank has a gradient for keeps
+    none (the optimizer skips it, as in a single process)."""
+    params = list(parameters)
+    if world == 1 or not params:
+        return
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device, dtype=grads[0].dtype)
+    flat = torch.cat([*grads, has])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, count in zip(params, flat[-len(params):].tolist()):
+        n = p.numel()
+        p.grad = (flat[offset:offset + n] / world).view_as(p).clone() if count > 0 else None
+        offset += n
 
 
 def barrier(world: int) -> None:

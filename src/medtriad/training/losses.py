@@ -8,6 +8,7 @@ takes whatever subset arrives and weights only that.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,16 +161,16 @@ class UncertaintyWeighting(LossBalancer):
 class GradNorm(LossBalancer):
     """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018): balance tasks by gradient size.
 
-    Each step, for the tasks present: G_i = ||d(w_i L_i)/d(shared)|| over ``shared_parameters`` (the
-    shared encoder's last layer), relative inverse training rate r_i = L~_i / mean_j L~_j with
-    L~_i = L_i / L_i(0), L_i(0) being the loss at the first step the task appeared. The weights move to
-    reduce sum_i |G_i - mean(G) * r_i^alpha| (target held constant), so a task whose loss falls more
-    slowly gets a larger weight. This update runs inside ``forward`` with its own Adam optimizer
-    (learning rate ``lr``), after which the weights of the tasks present are clamped positive and rescaled
-    to their previous sum, so all weights keep summing to the number of tasks and an absent task's weight
-    is left as it was. The returned total, sum_i w_i * L_i with the pre-update weights detached, keeps
-    the graph for the network's backward; the main optimizer sees no gradient on w. The update is skipped
-    in eval mode or under ``torch.no_grad()``.
+    At each call (each micro-batch under gradient accumulation), for the tasks present:
+    G_i = ||d(w_i L_i)/d(shared)|| over ``shared_parameters`` (the shared encoder's last layer), relative inverse
+    training rate r_i = L~_i / mean_j L~_j with L~_i = L_i / L_i(0), L_i(0) being the loss at the first step the task
+    appeared. The weights move to reduce sum_i |G_i - mean(G) * r_i^alpha| (target held constant), so a task whose
+    loss falls more slowly gets a larger weight. This update runs inside ``forward`` with its own Adam optimizer
+    (learning rate ``lr``; its state is checkpointed through ``extra_state``), after which the weights of the tasks
+    present are clamped positive and rescaled to their previous sum, so all weights keep summing to the number of
+    tasks and an absent task's weight is left as it was. The returned total, sum_i w_i * L_i with the pre-update
+    weights detached, keeps the graph for the network's backward; the main optimizer sees no gradient on w. The
+    update is skipped in eval mode or under ``torch.no_grad()``.
 
     Args:
         tasks: task names.
@@ -231,6 +232,21 @@ class GradNorm(LossBalancer):
     def weights(self) -> dict[str, float]:
         return {t: float(w) for t, w in zip(self.tasks, self.task_weights.detach())}
 
+    def extra_state(self) -> dict[str, Any]:
+        """The weights' own Adam state (moments, step count): checkpointed beside the main optimizer's, so a resumed
+        run updates the weights as an uninterrupted one would."""
+        return {"optimizer": self._optimizer.state_dict()}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("optimizer"):  # absent in checkpoints written before it was saved: Adam starts afresh
+            self._optimizer.load_state_dict(state["optimizer"])
+
+
+def loss_head(task: str) -> str:
+    """The head a loss term belongs to: ``segmentation``, ``detection``, or ``classification`` for ``class:TASK``
+    (and a plugin's auxiliary ``aux:TASK``)."""
+    return "classification" if task.startswith(("class:", "aux:")) else task
+
 
 def build_balancer(
     kind: str,
@@ -239,13 +255,16 @@ def build_balancer(
     shared_parameters: Iterable[nn.Parameter] | None = None,
     alpha: float = 1.5,
 ) -> LossBalancer:
-    """Balancer by name: "fixed" (``weights``, default 1 per task), "uncertainty" or "gradnorm"."""
+    """Balancer by name: "fixed" (``weights``; a task not named weighs 1, a name that is no task is refused),
+    "uncertainty" or "gradnorm"."""
     tasks = list(tasks)
     if kind == "fixed":
-        weights = dict(weights) if weights is not None else dict.fromkeys(tasks, 1.0)
-        if set(weights) != set(tasks):
-            raise ValueError(f"fixed weights are given for {sorted(weights)} but the tasks are {sorted(tasks)}")
-        return FixedWeights(weights)
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(tasks))
+        if unknown:
+            raise ValueError(f"fixed weights are given for {unknown}, which are not tasks of this model; its tasks "
+                             f"are {tasks}")
+        return FixedWeights({t: float(weights.get(t, 1.0)) for t in tasks})
     if kind == "uncertainty":
         return UncertaintyWeighting(tasks)
     if kind == "gradnorm":

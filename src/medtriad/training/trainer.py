@@ -1,4 +1,5 @@
-"""The training loop: patches -> shared encoder -> all heads -> balanced losses; validation every epoch.
+"""The training loop: patches -> shared encoder -> all heads -> balanced losses; validation every
+``validate_every`` epochs and after the last.
 
 Run folder::
 
@@ -59,14 +60,14 @@ from medtriad.evaluation.evaluate import headline_metrics, score_case, summarize
 from medtriad.evaluation.run import read_run_split
 from medtriad.inference.predictor import Predictor, pick_device
 from medtriad.io import write_json
-from medtriad.models.heads.detection import anchor_shapes_from_boxes
+from medtriad.models.heads.detection import DEFAULT_STRIDES, anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
-from medtriad.models.encoders.slice2d import save_hf_vit
+from medtriad.models.encoders.slice2d import load_vit, save_hf_vit
 from medtriad.models.memory_format import channels_last_for_training
 from medtriad.models.multitask import ModelSpec, build_model, check_input_size, load_model_weights, model_weights
 from medtriad.precision import autocast, autocast_dtype
-from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss
-from medtriad.training.distributed import barrier, broadcast, gather, init_distributed
+from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss, loss_head
+from medtriad.training.distributed import average_gradients, barrier, broadcast, gather, init_distributed
 from medtriad.training.plots import plot_progress
 
 
@@ -200,7 +201,10 @@ class Trainer:
         if cfg.training.balancing == "gradnorm" and not any(p.requires_grad for p in last.parameters()):
             raise ValueError("balancing 'gradnorm' needs a trainable shared encoder; the slice2d backbone is frozen "
                              "(each plugin trains its own adapters): use 'fixed' or 'uncertainty'")
-        self.balancer = build_balancer(cfg.training.balancing, tasks, weights=cfg.training.loss_weights or None,
+        # weights for heads the dataset cannot train (no boxes, no class table) go with the heads left out
+        weights = {k: v for k, v in (cfg.training.loss_weights or {}).items()
+                   if loss_head(k) in self.model_spec.heads or loss_head(k) not in cfg.model.heads}
+        self.balancer = build_balancer(cfg.training.balancing, tasks, weights=weights,
                                        shared_parameters=list(last.parameters()),
                                        alpha=cfg.training.gradnorm_alpha).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]  # a slice2d backbone stays frozen
@@ -225,7 +229,8 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.autocast = autocast_dtype(cfg.training.precision, self.device)  # None: float32 throughout
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is not None and self.device.type == "cuda")
+        # loss scaling for float16 only (a GPU without native bfloat16); bfloat16 has float32's range and needs none
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast is torch.float16)
 
     def _loss_names(self) -> list[str]:
         names = []
@@ -239,12 +244,16 @@ class Trainer:
 
     def _keep_backbone(self) -> None:
         """A randomly initialised slice2d backbone (no weights given) is written once to ``RUN/backbone`` (Hugging
-        Face format) and the model spec points there, so predictions and plugins can always find it."""
+        Face format) and the model spec points there, so predictions and plugins can always find it; ``--resume``
+        reads it back instead (the checkpoints hold the plugins only, trained on that backbone)."""
         kwargs = self.model_spec.encoder_kwargs
         if kwargs.get("weights") is not None:
             return
-        if self.main:
-            save_hf_vit(self.model.encoder.vit, self.run_dir / "backbone")
+        folder = self.run_dir / "backbone"
+        if self._resumed_split is not None and folder.is_dir():
+            self.model.encoder.vit.load_state_dict(load_vit(folder).state_dict())
+        elif self.main:
+            save_hf_vit(self.model.encoder.vit, folder)
         kwargs.pop("vit", None)
         kwargs["weights"] = "backbone"
 
@@ -289,7 +298,8 @@ class Trainer:
             if "anchor_shapes" not in detection:
                 sizes = [b[3:] - b[:3] for s in self.train_samples if s.instances is not None
                          for b in boxes_from_instances(s.instances.numpy())]
-                detection["anchor_shapes"] = anchor_shapes_from_boxes(np.array(sizes), cfg.data.patch_size)
+                detection["anchor_shapes"] = anchor_shapes_from_boxes(
+                    np.array(sizes), cfg.data.patch_size, strides=detection.get("strides", DEFAULT_STRIDES))
         encoder_kwargs = dict(cfg.model.encoder_kwargs)
         plugins = self._plugin_specs(heads) if cfg.model.encoder == "slice2d" else {}
         if encoder_kwargs.get("weights") is not None:  # a user's backbone path, made independent of the cwd
@@ -396,8 +406,10 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "balancer_extra": getattr(self.balancer, "extra_state", lambda: {})(),
                  "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+                 "scaler": self.scaler.state_dict(),  # float16's loss scale ({} when off)
                  "rng": {"torch": torch.get_rng_state(), "numpy": list(_numpy_state()),
-                         "python": _python_state()}}
+                         "python": _python_state(),
+                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
         folder = save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state)
         self.model_spec.save(folder / "model.json")
         if name == "best" and isinstance(self.model, PluginModel):
@@ -435,10 +447,22 @@ class Trainer:
         if hasattr(self.balancer, "load_extra_state"):
             self.balancer.load_extra_state(state["balancer_extra"])
         torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:  # absent in older checkpoints
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         random.setstate(_as_python_state(state["rng"]["python"]))
         return state
+
+    def _best_recorded(self) -> float:
+        """The score the run's ``best`` checkpoint records (-inf without one): after a crash between the writes of
+        ``best`` and ``last``, it is higher than ``last``'s record, and only a better epoch may replace it."""
+        try:
+            return float(load_state(self.run_dir / "checkpoints" / "best", tensors=False)["best_score"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -math.inf
 
     def _resumable_split(self) -> dict[str, Any]:
         """The saved split of the run to resume, once its config is found to be this trainer's; the split's fold
@@ -496,7 +520,7 @@ class Trainer:
         if resume:
             state = self._restore()
             start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
-            history, best = state["history"], state["best_score"]
+            history, best = state["history"], max(state["best_score"], self._best_recorded())
         elif self.main:
             cfg.save(self.run_dir / "config.yaml")
             self.model_spec.save(self.run_dir / "model.json")
@@ -512,7 +536,11 @@ class Trainer:
 
         epoch, in_a_row = start_epoch - 1, 0
         for epoch in range(start_epoch, cfg.training.epochs):
-            if out_of_time():
+            # (also refreshes the clock the schedule reads) a spent budget stops the run here after a validated
+            # epoch, or at once when resuming; spent while an unvalidated epoch was being saved, this epoch trains
+            # one step and is validated, so a run never ends on an epoch without validation
+            spent = out_of_time()
+            if spent and (epoch == start_epoch or history[-1]["validation"]):
                 epoch -= 1
                 break
             self.model.train()
@@ -533,6 +561,7 @@ class Trainer:
                         self.scaler.scale(total).backward()
                     for k, v in losses.items():
                         sums.setdefault(k, []).append(float(v.detach()))
+                average_gradients(self.balancer.parameters(), self.world)  # learned weights: one value on all ranks
                 self.scaler.unscale_(self.optimizer)
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)))
                 if finite or self.scaler.is_enabled():  # an enabled (CUDA) scaler skips a non-finite step itself
@@ -580,9 +609,11 @@ class Trainer:
                 best = score
             # every rank took the same decisions from the same gathered metrics; rank 0 alone writes
             if self.main:
-                self._save("last", epoch, step, elapsed, history, best)
+                # best first: a crash between the two writes leaves a best no older than last's record of it
+                # (and --resume takes the higher of the two recorded best scores)
                 if improved or not (self.run_dir / "checkpoints" / "best").exists():
                     self._save("best", epoch, step, elapsed, history, best)
+                self._save("last", epoch, step, elapsed, history, best)
                 write_json(self.run_dir / "history.json", history)
                 plot_progress(history, self.run_dir / "progress.png")
                 line = _epoch_line(record)

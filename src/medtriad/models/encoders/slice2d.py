@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from medtriad.io import atomic_write_bytes, write_json
 from medtriad.models.encoders.base import Encoder, FeatureInfo
 
 __all__ = [
@@ -323,8 +324,8 @@ def save_hf_vit(model: ViT2D, folder: str | os.PathLike) -> Path:
             _, index, rest = key.split(".", 2)
             module, leaf = rest.rsplit(".", 1)
             state[f"encoder.layer.{index}.{block_names[module]}.{leaf}"] = value
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+    atomic_write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+    write_json(folder / "config.json", model.config.to_hf())
     return folder
 
 

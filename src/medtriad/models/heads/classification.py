@@ -6,8 +6,10 @@ image vector is the softmax-weighted mean of the tokens. Unlike global average p
 vector of a large scan, and each task learns where to look.
 
 Scores and values depend on one token each, so pooling splits into ``encode`` (per window) and ``pool`` (over any set
-of tokens): at sliding-window inference the predictor concatenates scores and values of all windows along the token
-axis and pools once, which equals pooling the whole scan in one window.
+of tokens): at sliding-window inference the predictor concatenates scores and values of all windows (and of their
+test-time mirrored copies) along the token axis and pools once over that set. This equals pooling the whole scan in
+one window only where windows tile the scan without overlap and their features match a whole-scan pass; overlapping
+windows count their shared tokens once per window.
 """
 
 from __future__ import annotations

@@ -64,17 +64,23 @@ class _SharedFeatureDetector(RetinaNetDetector):
         return matched
 
 
+#: encoder strides that feed the detection pyramid unless ``model.detection.strides`` says otherwise
+DEFAULT_STRIDES: tuple[int, ...] = (4, 8, 16)
+
+
 def anchor_shapes_from_boxes(box_sizes: np.ndarray, patch_size: Sequence[int], num_anchors: int = 3,
-                             num_levels: int = 3) -> list[list[float]]:
+                             strides: Sequence[int] = DEFAULT_STRIDES) -> list[list[float]]:
     """Base anchor shapes for the finest pyramid level, derived from training box sizes.
 
     Box sizes (in voxels of the training grid) are clipped to the patch, clustered by k-means on their log-sizes into
-    ``num_anchors`` shapes, and divided by ``2 ** (num_levels - 1)`` so that the coarsest level's anchors are the
-    cluster centres and finer levels hold halved and quartered versions (for small lesions). No anchor exceeds the patch.
+    ``num_anchors`` shapes, and divided by the coarsest to finest stride ratio (4 for the default strides 4, 8, 16)
+    so that the coarsest level's anchors are the cluster centres and finer levels hold smaller versions (halved and
+    quartered by default, for small lesions). No anchor exceeds the patch.
 
     Args:
         box_sizes: (N, 3) box edge lengths in voxels.
         patch_size: training patch size in voxels.
+        strides: the detection head's pyramid strides (``model.detection.strides``), finest first.
     """
     patch = np.asarray(patch_size, dtype=float)
     sizes = np.asarray(box_sizes, dtype=float).reshape(-1, 3)
@@ -89,7 +95,7 @@ def anchor_shapes_from_boxes(box_sizes: np.ndarray, patch_size: Sequence[int], n
     shapes = np.exp(centres)
     while len(shapes) < num_anchors:  # fewer distinct boxes than anchors: add scaled copies
         shapes = np.concatenate([shapes, shapes[-1:] * 0.75])
-    shapes = np.minimum(shapes, patch) / 2 ** (num_levels - 1)
+    shapes = np.minimum(shapes, patch) / (max(strides) / min(strides))
     return np.round(np.maximum(shapes, 1.0), 2).tolist()
 
 
@@ -108,11 +114,13 @@ class DetectionHead(nn.Module):
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], anchor_shapes: Sequence[Sequence[float]],
-                 strides: Sequence[int] = (4, 8, 16), fpn_channels: int = 64, num_classes: int = 1,
+                 strides: Sequence[int] = DEFAULT_STRIDES, fpn_channels: int = 64, num_classes: int = 1,
                  score_threshold: float = 0.05, nms_threshold: float = 0.1, max_detections: int = 20,
                  atss_candidates: int = 4):
         super().__init__()
         available = [f.stride for f in feature_info]
+        if list(strides) != sorted(set(strides)):
+            raise ValueError(f"detection strides must be distinct and ascending (finest first), got {list(strides)}")
         missing = [s for s in strides if s not in available]
         if missing:
             raise ValueError(f"detection strides {missing} are not among the encoder's strides {available}: set "
@@ -164,7 +172,10 @@ class DetectionHead(nn.Module):
         with torch.autocast(features[0].device.type, enabled=False):
             outputs = self._head_outputs([f.float() for f in features])
             batch = features[0].shape[0]
-            # anchors depend only on the input's shape, device and dtype (the outputs'): a stand-in is enough
+            # anchors depend only on the input's shape, device and dtype (the outputs'): a stand-in is enough. MONAI
+            # caches them by shape alone: after the model moved to another device they are made again there
+            if det.anchors is not None and det.anchors[0].device != outputs["classification"][0].device:
+                det.anchors = None
             det.generate_anchors(features[0].new_empty((batch, 1, *image_size), dtype=torch.float32), outputs)
             num_locs = [x.shape[2:].numel() for x in outputs["classification"]]
             flat = {key: det._reshape_maps(value) for key, value in outputs.items()}
