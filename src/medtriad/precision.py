@@ -4,10 +4,11 @@
 * ``auto`` (training's default): bfloat16 autocast on CUDA, float32 on the CPU. A GPU without native bfloat16
   (before Ampere, e.g. V100, T4) autocasts to float16 instead, and training scales the loss with PyTorch's
   GradScaler, as float16's narrow range needs.
-* ``bf16``: bfloat16 autocast on CUDA (float16 on a GPU without native bfloat16, with a warning) and on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4,
-  Intel Cooper Lake / Sapphire Rapids and later), where oneDNN's bfloat16 3D convolutions take about half the time
-  of float32 ones (docs/benchmarks.md). A CPU without them would emulate bfloat16, slower than float32, which under a
-  time budget means fewer steps: there it stays in float32 and says so once.
+* ``bf16``: bfloat16 autocast on CUDA (float16 on a GPU without native bfloat16, with a warning) and on CPUs with
+  native bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later), where
+  oneDNN's bfloat16 3D convolutions take about half the time of float32 ones (docs/benchmarks.md). A CPU without
+  them would emulate bfloat16, slower than float32, which under a time budget means fewer steps: there it stays in
+  float32 and says so once.
 * ``fp32`` (inference's default: predictions as exact as the weights allow): no autocast anywhere.
 
 Weights, optimiser state and losses stay float32 in every case (autocast's mixed precision); outputs are cast back to

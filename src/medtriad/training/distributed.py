@@ -59,7 +59,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], world: int) -> N
     offset = 0
     for p, count in zip(params, flat[-len(params):].tolist()):
         n = p.numel()
-        p.grad = (flat[offset:offset + n] / world).view_as(p).clone() if count > 0 else None
+        p.grad = (flat[offset:offset + n] / world).view_as(p) if count > 0 else None  # a new tensor per parameter
         offset += n
 
 

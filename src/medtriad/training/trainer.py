@@ -62,7 +62,7 @@ from medtriad.inference.predictor import Predictor, pick_device
 from medtriad.io import write_json
 from medtriad.models.heads.detection import DEFAULT_STRIDES, anchor_shapes_from_boxes
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
-from medtriad.models.encoders.slice2d import load_vit, save_hf_vit
+from medtriad.models.encoders.slice2d import save_hf_vit
 from medtriad.models.memory_format import channels_last_for_training
 from medtriad.models.multitask import ModelSpec, build_model, check_input_size, load_model_weights, model_weights
 from medtriad.precision import autocast, autocast_dtype
@@ -244,16 +244,13 @@ class Trainer:
 
     def _keep_backbone(self) -> None:
         """A randomly initialised slice2d backbone (no weights given) is written once to ``RUN/backbone`` (Hugging
-        Face format) and the model spec points there, so predictions and plugins can always find it; ``--resume``
-        reads it back instead (the checkpoints hold the plugins only, trained on that backbone)."""
+        Face format) and the model spec points there, so predictions and plugins can always find it (``--resume``
+        builds the model from it: :meth:`_model_spec`)."""
         kwargs = self.model_spec.encoder_kwargs
         if kwargs.get("weights") is not None:
             return
-        folder = self.run_dir / "backbone"
-        if self._resumed_split is not None and folder.is_dir():
-            self.model.encoder.vit.load_state_dict(load_vit(folder).state_dict())
-        elif self.main:
-            save_hf_vit(self.model.encoder.vit, folder)
+        if self.main:
+            save_hf_vit(self.model.encoder.vit, self.run_dir / "backbone")
         kwargs.pop("vit", None)
         kwargs["weights"] = "backbone"
 
@@ -305,6 +302,11 @@ class Trainer:
         if encoder_kwargs.get("weights") is not None:  # a user's backbone path, made independent of the cwd
             encoder_kwargs["weights"] = str(Path(encoder_kwargs["weights"]).resolve())
             encoder_kwargs.pop("vit", None)  # the weights' own config says what the ViT is
+        elif (cfg.model.encoder == "slice2d" and self._resumed_split is not None
+              and (self.run_dir / "backbone").is_dir()):
+            # a resumed run's random backbone, kept in the run (its checkpoints hold the plugins trained on it)
+            encoder_kwargs["weights"] = "backbone"
+            encoder_kwargs.pop("vit", None)
         return ModelSpec(
             encoder=cfg.model.encoder, in_channels=spec.num_channels, plugins=plugins,
             channel_names=[spec.channel_names[i] for i in sorted(spec.channel_names)], heads=heads,
