@@ -40,3 +40,21 @@ def test_unknown_config_and_missing_run_are_plain_errors(synth_dataset, tmp_path
     assert "model.json" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing"), str(synth_dataset), "--set", "training.epochs=1", "-q"]) == 2
     assert "inference settings only" in capsys.readouterr().err
+
+
+def test_set_values_in_e_notation_and_bad_yaml_and_os_errors(synth_dataset, tmp_path, capsys):
+    from medtriad.cli import _overrides
+
+    assert _overrides(["training.weight_decay=1e-5"]) == {"training.weight_decay": 1e-5}
+    assert main(["evaluate", str(tmp_path / "missing"), str(synth_dataset), "-q",
+                 "--set", "inference.mirror_axes=[0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set inference.mirror_axes=[0,1: not valid YAML" in err and "Traceback" not in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    source = tmp_path / "src"
+    (source / "case1").mkdir(parents=True)
+    (source / "case1" / "case1_flair.nii.gz").write_bytes(b"")
+    assert main(["import", "brats", str(source), str(blocker / "out"), "-q"]) == 2  # an OSError: a file as parent
+    err = capsys.readouterr().err
+    assert "medtriad import: error:" in err and "a-file" in err and "Traceback" not in err

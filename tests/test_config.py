@@ -91,3 +91,43 @@ def test_a_setting_of_the_wrong_kind_is_refused_naming_its_key():
             Config.load("tiny", {key: bad})
     cfg = Config.load("tiny", {"training.max_minutes": 5, "training.learning_rate": 1e-3})  # an int where a float is
     assert cfg.training.max_minutes == 5 and cfg.training.learning_rate == 1e-3
+
+
+def test_yaml_reads_floats_in_e_notation_and_names_bad_yaml(tmp_path):
+    """PyYAML alone reads ``1e-4`` as a string (YAML 1.1 wants ``1.0e-4``); a config written as most people write
+    floats is read as numbers. A YAML syntax error, a section that is not a mapping or a scalar where a list belongs
+    is a ValueError naming the file or key, not a traceback from inside a library."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("training:\n  learning_rate: 3e-4\n  weight_decay: 1E-5\n  max_minutes: 1.5e1\n")
+    config = Config.load(recipe)
+    assert config.training.learning_rate == 3e-4 and config.training.weight_decay == 1e-5
+    assert config.training.max_minutes == 15.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n\tepochs: 3\n")  # a tab
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        Config.load(bad)
+    bad.write_text("data: 5\n")
+    with pytest.raises(ValueError, match="section 'data' must be a mapping"):
+        Config.load(bad)
+    bad.write_text("- data\n")
+    with pytest.raises(ValueError, match="a mapping of sections"):
+        Config.load(bad)
+    for key, value in [("data.spacing", 2), ("inference.mirror_axes", 0), ("inference.roi_size", 96),
+                       ("data.rotation_planes", 5)]:
+        with pytest.raises(ValueError, match=f"{key} must be a list"):
+            Config.load("tiny", {key: value})
+    with pytest.raises(ValueError, match="model.encoder_kwargs must be a mapping"):
+        Config.load("tiny", {"model.encoder_kwargs": 5})
+    for key in ("data.spacing", "data.patch_size", "model.heads"):
+        with pytest.raises(ValueError, match=f"{key} cannot be null"):
+            Config.load("tiny", {key: None})
+    assert Config.load("tiny", {"inference.roi_size": None}).inference.roi_size is None  # null means "whole volume"
+
+
+def test_spacing_and_patch_size_are_three_positive_values():
+    assert Config.load("tiny", {"data.spacing": [1, 1.5, 2]}).data.spacing == (1, 1.5, 2)
+    for key, bad in [("data.spacing", [0, 2, 2]), ("data.spacing", [2, 2]), ("data.spacing", [-1, 2, 2]),
+                     ("data.spacing", [2, 2, float("nan")]), ("data.patch_size", [64, 64]),
+                     ("data.patch_size", [64, 64, 0]), ("data.patch_size", [64, 64, 63.5])]:
+        with pytest.raises(ValueError, match=f"{key} must be 3 positive"):
+            Config.load("tiny", {key: bad})

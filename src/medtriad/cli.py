@@ -21,8 +21,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 from medtriad.io import CaseFileError
 
 
@@ -66,12 +64,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _overrides(pairs: list[str]) -> dict:
+    from medtriad.config import load_yaml
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or "." not in key:
             raise ValueError(f"--set expects section.key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        out[key] = load_yaml(value, f"--set {pair}")
     return out
 
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = warning_format(args.command, default)
     try:
         return args.func(args)
-    except (CaseFileError, ValueError, FileNotFoundError) as error:
+    except (CaseFileError, ValueError, OSError) as error:  # OSError: a missing file, a folder without write access
         print(f"medtriad {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:

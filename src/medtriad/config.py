@@ -8,6 +8,8 @@ Named recipes ship with the package (``src/medtriad/configs/*.yaml``); ``-c brat
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +21,25 @@ from medtriad.io import atomic_write_text
 from medtriad.precision import PRECISIONS
 
 INTENSITY_AUGMENTATIONS = ("light", "strong")  # medtriad.data.transforms.intensity_transforms
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-4`` is a number (YAML 1.1 wants ``1.0e-4`` and
+    reads ``1e-4`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML text (a config file or a ``--set`` value) safely; a syntax error is a ValueError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
 
 
 @dataclass
@@ -53,6 +74,12 @@ class DataConfig:
     intensity_augmentation: str = "light"
 
     def __post_init__(self) -> None:
+        for key, kind in (("spacing", (int, float)), ("patch_size", int)):
+            value = getattr(self, key)
+            if len(value) != 3 or not all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                                          for v in value):
+                raise ValueError(f"data.{key} must be 3 positive {'numbers' if key == 'spacing' else 'integers'} "
+                                 f"(x, y, z), got {list(value)}")
         if self.intensity_augmentation not in INTENSITY_AUGMENTATIONS:
             raise ValueError(f"data.intensity_augmentation must be one of {INTENSITY_AUGMENTATIONS}, got "
                              f"{self.intensity_augmentation!r}")
@@ -272,7 +299,10 @@ class Config:
         built = {}
         for f in dataclasses.fields(cls):
             section_cls = type(f.default_factory())  # type: ignore[misc]
-            built[f.name] = _build(section_cls, raw.get(f.name) or {}, f.name)
+            section = raw.get(f.name) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"config section {f.name!r} must be a mapping of keys, got {section!r}")
+            built[f.name] = _build(section_cls, section, f.name)
         return cls(**built)
 
     @classmethod
@@ -283,7 +313,11 @@ class Config:
         one entry of it (``model.segmentation.deep_supervision``: the recipe's other entries stay)."""
         raw: dict[str, Any] = {}
         if name_or_path is not None:
-            raw = yaml.safe_load(_resolve(name_or_path).read_text()) or {}
+            path = _resolve(name_or_path)
+            raw = load_yaml(path.read_text(), str(path)) or {}
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: a config is a mapping of sections (data, model, training, inference), got "
+                                 f"{type(raw).__name__}")
         for key, value in (overrides or {}).items():
             *path, name = key.split(".")
             if not path or not all(path) or not name:
@@ -323,6 +357,13 @@ def _build(section_cls: type, raw: dict[str, Any], section: str) -> Any:
     for name, value in raw.items():
         default = getattr(section_cls(), name)
         _check_scalar_type(value, default, f"{section}.{name}")
+        annotation = str(fields[name].type)  # a string: `from __future__ import annotations`
+        if value is None and "None" not in annotation and default is not None:
+            raise ValueError(f"{section}.{name} cannot be null")
+        if value is not None and annotation.startswith(("tuple[", "list[")) and not isinstance(value, (list, tuple)):
+            raise ValueError(f"{section}.{name} must be a list (e.g. [2, 2, 2]), got {value!r}")
+        if value is not None and annotation.startswith("dict[") and not isinstance(value, dict):
+            raise ValueError(f"{section}.{name} must be a mapping (e.g. {{key: value}}), got {value!r}")
         if isinstance(default, tuple) or (default is None and isinstance(value, list)):
             value = tuple(value) if value is not None else None
         values[name] = value
