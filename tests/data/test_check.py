@@ -118,3 +118,20 @@ def test_loading_a_label_with_nan_or_fractions_names_case_and_file(tmp_path):
         with pytest.raises(CaseFileError, match=message) as info:
             load_sample(clean, spec, (1.0, 1.0, 1.0))
         assert info.value.case_id == "clean" and info.value.path == spec.label_file("clean")
+
+
+def test_a_short_import_and_a_misnamed_label_file_are_reported(tmp_path):
+    """An import that stopped part way leaves dataset.json with the full numTraining (nnU-Net checks it too); a label
+    file under another name than CASE.nii.gz leaves its case silently unlabelled: both are reported."""
+    spec = make_dataset(tmp_path)
+    spec.num_training = 12
+    spec.save()
+    save_nifti(spec.labels_dir / "clean_seg.nii.gz", np.zeros(SHAPE, np.uint8), AFFINE)
+    (spec.labels_dir / ".DS_Store").write_bytes(b"")  # hidden files are not label files
+    problems = [p for p in check_dataset(tmp_path, progress=False) if p.case_id is None]
+    assert [(p.path.name, p.message.split(":")[0]) for p in problems] == [
+        ("dataset.json", "numTraining is 12 but imagesTr holds 9 case(s)"), ("clean_seg.nii.gz", "matches no case")]
+    spec.num_training = 9
+    spec.save()
+    (spec.labels_dir / "clean_seg.nii.gz").unlink()
+    assert [p for p in check_dataset(tmp_path, progress=False) if p.case_id is None] == []

@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pytest
 
 from medtriad.data.findings import FINDINGS, add_findings_task, brats_findings
 from medtriad.data.layout import load_dataset
@@ -42,3 +43,15 @@ def test_add_findings_task(brats2018, tmp_path):
     add_findings_task(dataset)  # idempotent
     assert load_dataset(dataset)[1][0].classes["findings"] == findings[cases[0].case_id]
     assert np.mean([v[0] for v in findings.values()]) > 0
+
+
+def test_findings_never_replace_another_task(brats2018, tmp_path):
+    """``--task grade`` on BraTS 2018 would overwrite the grades read from the HGG/LGG folders, which cannot be
+    recovered: refused, and nothing is written."""
+    source, _ = brats2018
+    dataset = tmp_path / "BraTS2018"
+    shutil.copytree(source, dataset)
+    before = {name: (dataset / name).read_bytes() for name in ("dataset.json", "classes.csv")}
+    with pytest.raises(ValueError, match="task 'grade' exists as a binary task"):
+        add_findings_task(dataset, task="grade")
+    assert {name: (dataset / name).read_bytes() for name in before} == before

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -182,3 +183,19 @@ def test_unpacked_nii_sources_import_like_compressed_ones(tmp_path):
         np.testing.assert_array_equal(load_nifti(got.label_file)[0], load_nifti(want.label_file)[0])
     flair = out / "imagesTr" / "BraTS2021_00001_0000.nii.gz"
     assert gzip.decompress(flair.read_bytes()) == (case / "BraTS2021_00001_flair.nii").read_bytes()
+
+
+def test_hidden_and_archiver_folders_are_not_cases(tmp_path):
+    """A notebook's ``.ipynb_checkpoints`` or a zip's ``__MACOSX`` beside the case folders is not a case, in both
+    release styles (the 2018 style used to stop with "missing FLAIR file")."""
+    src = write_brats2021_tree(tmp_path / "src2021")
+    (src / "__MACOSX" / "BraTS2021_00001").mkdir(parents=True)
+    out = import_brats(src, tmp_path / "out2021", min_box_volume_mm3=10.0, progress=False)
+    assert len(load_dataset(out)[1]) == 3
+    src2018 = tmp_path / "src2018"
+    shutil.copytree(src / "BraTS2021_00001", src2018 / "HGG" / "BraTS2021_00001")
+    (src2018 / "HGG" / ".ipynb_checkpoints").mkdir()
+    (src2018 / "LGG" / "__MACOSX").mkdir(parents=True)
+    out = import_brats(src2018, tmp_path / "out2018", min_box_volume_mm3=10.0, progress=False)
+    spec, cases = load_dataset(out)
+    assert [c.case_id for c in cases] == ["BraTS2021_00001"] and cases[0].classes == {"grade": 1}

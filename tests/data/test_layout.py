@@ -127,6 +127,8 @@ def test_classes_csv_round_trip(tmp_path):
         ("case,finding:bleed,finding:cyst\nc1,1,\n", r"row 2: finding cells"),
         ("case,finding:bleed,finding:cyst\nc1,1,2\n", r"row 2: finding cells"),
         ("case,grade\nc1,H\xc9GG\n".encode("latin-1"), "not UTF-8 text"),
+        ("case,grade\nc1,HGG,LGG\n", r"row 2: more cells than the header's 2 columns: \['LGG'\]"),
+        ("case,grade,grade\nc1,HGG,HGG\n", r"columns \['grade'\] appear more than once"),
     ],
 )
 def test_bad_classes_csv_names_file_row_value(tmp_path, rows, match):
@@ -156,3 +158,47 @@ def test_classes_csv_saved_by_a_spreadsheet_reads_like_a_plain_one(tmp_path):
     path.write_bytes("\ufeffcase,grade,site\r\nc1,HGG,b\r\nc2,LGG,\r\n".encode("utf-8"))
     assert read_classes_csv(path, make_spec(tmp_path)) == {"c1": {"grade": 1, "site": 1, "finding": None},
                                                            "c2": {"grade": 0, "site": None, "finding": None}}
+
+
+def test_classes_csv_tolerates_padded_headers_and_empty_trailing_rows(tmp_path):
+    """Spreadsheets write "case, grade" when a header was typed with a space, and rows of empty cells below the
+    table; both read as the plain table. A blank line counts in the row numbers of errors."""
+    path = tmp_path / "classes.csv"
+    path.write_text("case, grade ,site\nc1,HGG,b\n,,\n , ,\n")
+    assert read_classes_csv(path, make_spec(tmp_path)) == {"c1": {"grade": 1, "site": 1, "finding": None}}
+    path.write_text("case,grade,,\nc1,HGG,,\n")  # a spreadsheet's empty columns
+    assert read_classes_csv(path, make_spec(tmp_path)) == {"c1": {"grade": 1, "site": None, "finding": None}}
+    path.write_text("case,grade,,\nc1,HGG,,x\n")
+    with pytest.raises(ValueError, match="row 2: a value in column 4, which has no name"):
+        read_classes_csv(path, make_spec(tmp_path))
+    path.write_text("case,grade\n\nc1,MGG\n")
+    with pytest.raises(ValueError, match="row 3: grade = 'MGG'"):
+        read_classes_csv(path, make_spec(tmp_path))
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"voxel": [float("nan"), 0, 0, 4, 4, 4], "world": [0, 0, 0, 1, 1, 1]}, "finite"),
+    ({"voxel": [0, 0, 0, 4, 4, 4], "world": [0, 0, 0, float("inf"), 1, 1]}, "finite"),
+    ({"voxel": [2, 0, 0, 2, 4, 4], "world": [0, 0, 0, 1, 1, 1]}, "is empty"),
+    ({"voxel": [0, 0, 0, 4, 4, 4], "world": [0, 0, 0, 1, 1, 1], "label": True}, "must be integers"),
+    ({"voxel": [0, 0, 0, 4, 4, 4], "world": [0, 0, 0, 1, 1, 1], "label": None}, "must be integers"),
+])
+def test_boxes_json_refuses_boxes_that_would_train_wrongly(tmp_path, entry, match):
+    """Python's json reads NaN and Infinity; a NaN edge became index INT64_MIN when the box was painted, and a box
+    without extent marks no voxel: refused when read, naming the file, case and box."""
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps({"c1": [entry]}))
+    with pytest.raises(ValueError, match=rf"boxes.json: case c1, box 0: .*{match}"):
+        read_boxes_json(path)
+
+
+def test_dataset_json_refuses_nnunet_ignore_and_region_labels_and_a_nan_box_size(tmp_path):
+    base = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": 1}, "file_ending": ".nii.gz"}
+    for labels, match in [({"background": 0, "tumor": 1, "ignore": 2}, "ignore label"),
+                          ({"background": 0, "tumor": [1, 2], "core": 2}, "region-based labels")]:
+        (tmp_path / "dataset.json").write_text(json.dumps(base | {"labels": labels}))
+        with pytest.raises(ValueError, match=match):
+            DatasetSpec.load(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps(base | {"medtriad": {"detection": {"min_volume_mm3": float("nan")}}}))
+    with pytest.raises(ValueError, match="min_volume_mm3 must be >= 0"):
+        DatasetSpec.load(tmp_path)

@@ -89,7 +89,8 @@ def check_dataset(root: str | os.PathLike, progress: bool = True) -> list[Proble
     Per case: all channels present (at least one if allow_missing_channels), each file readable
     and 3D, the same shape and affine (atol 1e-3) across channels and label, finite values, label
     values declared in dataset.json, a known value for every classification task, boxes inside
-    the image. An unreadable dataset.json, classes.csv or boxes.json, or a stray file in imagesTr,
+    the image. Per dataset: numTraining (when given) equals the number of cases, and every file in labelsTr belongs
+    to a case. An unreadable dataset.json, classes.csv or boxes.json, or a stray file in imagesTr,
     is reported alone since the cases cannot be listed without them.
     """
     root = Path(root)
@@ -100,6 +101,15 @@ def check_dataset(root: str | os.PathLike, progress: bool = True) -> list[Proble
     if not cases:
         return [Problem(None, spec.images_dir, "no cases found")]
     problems = []
+    if spec.num_training and spec.num_training != len(cases):  # e.g. an import that stopped part way
+        problems.append(Problem(None, spec.root / "dataset.json",
+                                f"numTraining is {spec.num_training} but imagesTr holds {len(cases)} case(s)"))
+    if spec.labels_dir.is_dir():  # a label file under another name would leave its case silently unlabelled
+        expected = {spec.label_file(case.case_id).name for case in cases}
+        for path in sorted(spec.labels_dir.iterdir()):
+            if not path.name.startswith(".") and path.name not in expected:
+                problems.append(Problem(None, path, f"matches no case: label files are named CASE{spec.file_ending} "
+                                                    f"after a case in imagesTr"))
     for case in tqdm(cases, desc=f"check {spec.name}", unit="case", disable=not progress):
         problems += _check_case(spec, case)
     return problems

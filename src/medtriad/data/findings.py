@@ -92,12 +92,17 @@ def brats_findings(dataset_dir: str | os.PathLike, min_component_mm3: float = 10
 def add_findings_task(dataset_dir: str | os.PathLike, task: str = "findings", **kwargs) -> dict[str, tuple[int, ...]]:
     """Add the multilabel task ``task`` (classes :data:`FINDINGS`) to dataset.json and its values to classes.csv.
 
-    Existing tasks and values are kept; an earlier ``task`` of the same name is replaced. Cases without a label map
+    Existing tasks and values are kept; an earlier findings task of the same name is recomputed, another task of that
+    name is refused (its labels could not be recovered). Cases without a label map
     get empty (unknown) findings. ``kwargs`` go to :func:`brats_findings`. Returns the findings.
     """
     root = Path(dataset_dir)
-    findings = brats_findings(root, **kwargs)
     spec, cases = load_dataset(root)
+    earlier = spec.tasks.get(task)
+    if earlier is not None and (earlier.kind, earlier.classes) != ("multilabel", FINDINGS):
+        raise ValueError(f"{root / 'dataset.json'}: task {task!r} exists as a {earlier.kind} task "
+                         f"{list(earlier.classes)}; replacing it would lose its labels: choose another name (--task)")
+    findings = brats_findings(root, **kwargs)
     classes_path = root / "classes.csv"
     classes = read_classes_csv(classes_path, spec) if classes_path.is_file() else {}
     spec.tasks[task] = ClassificationTask(task, "multilabel", FINDINGS)

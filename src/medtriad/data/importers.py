@@ -47,6 +47,12 @@ def _modality_file(case: _SourceCase, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _case_folders(parent: Path) -> list[Path]:
+    """The sub-folders of ``parent`` that can be cases: not hidden (``.ipynb_checkpoints``) and not an archiver's
+    (``__MACOSX``)."""
+    return [f for f in sorted(parent.iterdir()) if f.is_dir() and not f.name.startswith((".", "__"))]
+
+
 def _find_cases(src: Path) -> tuple[str, list[_SourceCase]]:
     """Detect the release style ("2018" with HGG/LGG folders, "2021" with case folders) and list its cases."""
     if any((src / grade).is_dir() for grade in _GRADES):
@@ -54,13 +60,11 @@ def _find_cases(src: Path) -> tuple[str, list[_SourceCase]]:
             _SourceCase(folder.name, folder, grade)
             for grade in _GRADES
             if (src / grade).is_dir()
-            for folder in sorted((src / grade).iterdir())
-            if folder.is_dir()
+            for folder in _case_folders(src / grade)
         ]
         style = "2018"
     else:
-        folders = [f for f in sorted(src.iterdir()) if f.is_dir() and not f.name.startswith(".")]
-        cases = [_SourceCase(folder.name, folder, None) for folder in folders]
+        cases = [_SourceCase(folder.name, folder, None) for folder in _case_folders(src)]
         style = "2021"
     if not cases:
         raise ValueError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ class DatasetSpec:
                 raise ValueError(f"{where}: medtriad.regions.{region} = {list(values)} must list non-zero label values")
         if self.detection_region is not None and self.detection_region not in self.regions:
             raise ValueError(f"{where}: medtriad.detection.region {self.detection_region!r} is not one of the regions")
-        if self.min_box_volume_mm3 < 0:
+        if not self.min_box_volume_mm3 >= 0:  # NaN too
             raise ValueError(f"{where}: medtriad.detection.min_volume_mm3 must be >= 0, got {self.min_box_volume_mm3}")
 
     @property
@@ -158,8 +159,14 @@ class DatasetSpec:
             raise ValueError(f"{path}: key 'channel_names' must have integer keys, got {keys}") from None
         labels = get(content, "labels", dict, "")
         for name, value in labels.items():
+            if isinstance(value, list):
+                raise ValueError(f"{path}: key 'labels.{name}' is a list (nnU-Net's region-based labels): give each "
+                                 f"label one integer value and its regions in 'medtriad.regions'")
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{path}: key 'labels.{name}' must be an integer label value, got {value!r}")
+        if "ignore" in labels:  # nnU-Net's sparse annotation: it would be trained as a class, and scored as one
+            raise ValueError(f"{path}: key 'labels.ignore' (nnU-Net's ignore label, for sparse annotations) is not "
+                             f"supported: medtriad trains on fully annotated label maps")
         extra = get(content, "medtriad", dict, "", {})
         default_regions = {name: [value] for name, value in labels.items() if value != 0}
         regions = {}
@@ -230,6 +237,8 @@ def _six_floats(values: Any, what: str) -> tuple[float, ...]:
         raise ValueError(f"{what} must be 6 numbers, got {values!r}") from None
     if len(box) != 6:
         raise ValueError(f"{what} must be 6 numbers (x0, y0, z0, x1, y1, z1), got {values!r}")
+    if not all(math.isfinite(v) for v in box):  # Python's json reads NaN and Infinity
+        raise ValueError(f"{what} must be finite numbers, got {values!r}")
     if any(box[i] > box[i + 3] for i in range(3)):
         raise ValueError(f"{what} has x1 < x0, y1 < y0 or z1 < z0: {values!r}")
     return box
@@ -370,8 +379,26 @@ def read_classes_csv(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, di
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error}); save it as CSV UTF-8") from None
+    try:
+        return _parse_classes_csv(path, text, spec, columns)
+    except csv.Error as error:  # e.g. a NUL byte (Python < 3.11)
+        raise ValueError(f"{path}: not readable as CSV ({error})") from None
+
+
+_UNNAMED = "\0unnamed column "  # placeholder names of header cells left empty (no real column name holds a NUL)
+
+
+def _parse_classes_csv(path: Path, text: str, spec: DatasetSpec,
+                       columns: dict[str, tuple[str, str | None]]) -> dict[str, dict[str, ClassValue]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    # "case, grade" as "case,grade"; a spreadsheet's empty columns ("case,grade,,") get placeholder names
+    header = [name.strip() or f"{_UNNAMED}{i + 1}" for i, name in enumerate(reader.fieldnames or [])]
+    reader.fieldnames = header
+    unnamed = [name for name in header if name.startswith(_UNNAMED)]
+    header = [name for name in header if name not in unnamed]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise ValueError(f"{path}: columns {twice} appear more than once in the header")
     if not header or header[0] != "case":
         raise ValueError(f"{path}: the first column must be 'case', got header {header}")
     unknown = [c for c in header[1:] if c not in columns]
@@ -382,9 +409,17 @@ def read_classes_csv(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, di
         if task.kind == "multilabel" and present and len(present) != len(task.classes):
             raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
     result: dict[str, dict[str, ClassValue]] = {}
-    for row_number, row in enumerate(reader, start=2):
+    for row in reader:
+        where = f"{path}, row {reader.line_num}"
+        if None in row:  # DictReader's key for cells past the header
+            raise ValueError(f"{where}: more cells than the header's {len(reader.fieldnames)} columns: {row[None]}")
+        if not any((cell or "").strip() for cell in row.values()):  # a spreadsheet's trailing ",,," row
+            continue
+        filled = [name for name in unnamed if (row[name] or "").strip()]
+        if filled:
+            raise ValueError(f"{where}: a value in column {filled[0].removeprefix(_UNNAMED)}, which has no name in "
+                             f"the header")
         case_id = (row.get("case") or "").strip()
-        where = f"{path}, row {row_number}"
         if not case_id:
             raise ValueError(f"{where}: empty case id")
         if case_id in result:
@@ -446,9 +481,13 @@ def read_boxes_json(path: str | os.PathLike) -> dict[str, list[Box]]:
                 if not isinstance(entry, dict) or "voxel" not in entry or "world" not in entry:
                     raise ValueError(f"expected an object with 'voxel' and 'world', got {entry!r}")
                 label, volume = entry.get("label", 0), entry.get("volume_voxels")
-                if not isinstance(label, int) or (volume is not None and not isinstance(volume, int)):
+                integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (JSON true is not 1)
+                if not integer(label) or not (volume is None or integer(volume)):
                     raise ValueError(f"label and volume_voxels must be integers, got {label!r}, {volume!r}")
-                boxes.append(Box(entry["voxel"], entry["world"], label, volume))
+                box = Box(entry["voxel"], entry["world"], label, volume)
+                if any(box.voxel[i] >= box.voxel[i + 3] for i in range(3)):  # it would mark no voxel in training
+                    raise ValueError(f"voxel box {list(box.voxel)} is empty: needs x0 < x1, y0 < y1 and z0 < z1")
+                boxes.append(box)
             except ValueError as error:
                 raise ValueError(f"{path}: case {case_id}, box {index}: {error}") from None
         result[case_id] = boxes
