@@ -41,19 +41,19 @@ def main() -> None:
     optimizer.step()
     state = {"epoch": 0, "step": 40, "optimizer": optimizer.state_dict()}
     size = sum(v.numel() * v.element_size() for v in weights.values())
-    flush = checkpoint._fsync
+    flush = checkpoint.fsync_path
     times: dict[str, list[float]] = {"flushed": [], "not flushed": []}
     args.workdir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
         for _ in range(args.repeats):
             for name in times:
-                checkpoint._fsync = flush if name == "flushed" else (lambda path: None)
+                checkpoint.fsync_path = flush if name == "flushed" else (lambda path: None)
                 start = time.perf_counter()
                 checkpoint.save_checkpoint(folder / "last", weights, state)
                 times[name].append(time.perf_counter() - start)
     finally:
-        checkpoint._fsync = flush
+        checkpoint.fsync_path = flush
         shutil.rmtree(folder, ignore_errors=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"checkpoint: {size / 1e6:.0f} MB of weights + the optimizer state, {args.repeats} saves each")

@@ -109,3 +109,24 @@ def test_load_nifti_keeps_integer_dtype(tmp_path):
     save_nifti(tmp_path / "l.nii.gz", np.full((2, 2, 2), 4, np.int16), AFFINE)
     data, _ = load_nifti(tmp_path / "l.nii.gz")
     assert data.dtype == np.int16 and (data == 4).all()
+
+
+def test_save_nifti_on_the_reference_grid_keeps_its_own_qform_and_sform(tmp_path):
+    """A registration tool may leave an image's qform and sform different; a mask written on that image's grid keeps
+    both as they are, so each viewer places it where it places the image (the qform used to become the sform)."""
+    qform = np.diag([2.0, 2.0, 2.0, 1.0])
+    qform[:3, 3] = (-10, -20, 5)
+    sform = AFFINE.copy()
+    reference = nib.Nifti1Image(np.zeros((3, 4, 5), np.int16), sform)
+    reference.set_qform(qform, code=1)
+    reference.set_sform(sform, code=2)
+    save_nifti(tmp_path / "mask.nii.gz", np.ones((3, 4, 5), np.uint8), reference.affine, reference.header)
+    written = nib.load(tmp_path / "mask.nii.gz").header
+    np.testing.assert_allclose(written.get_qform(), qform)
+    np.testing.assert_allclose(written.get_sform(), sform)
+    assert int(written["qform_code"]) == 1 and int(written["sform_code"]) == 2
+    other = np.diag([4.0, 4.0, 4.0, 1.0])  # another grid (e.g. the model's): both become its affine
+    save_nifti(tmp_path / "coarse.nii.gz", np.ones((2, 2, 3), np.uint8), other, reference.header)
+    written = nib.load(tmp_path / "coarse.nii.gz").header
+    np.testing.assert_allclose(written.get_qform(), other)
+    np.testing.assert_allclose(written.get_sform(), other)

@@ -14,7 +14,6 @@ weights and state load from safetensors and JSON only, so a checkpoint from an u
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medtriad.io import write_json
+from medtriad.io import fsync_path, write_json
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
@@ -71,33 +70,14 @@ def save_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], state:
     save_file(tensors, str(tmp / TENSORS))
     write_json(tmp / STATE, plain)
     for path in (tmp / WEIGHTS, tmp / TENSORS, tmp):  # on disk before the swap, so a power cut cannot empty them
-        _fsync(path)
+        fsync_path(path)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     tmp.rename(folder)
-    _fsync(folder.parent)  # the renames themselves
+    fsync_path(folder.parent)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk. Folders are best effort: Windows cannot open one for this, and
-    some file systems refuse to sync one."""
-    if path.is_dir():
-        if os.name == "nt":
-            return
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        return
-    with open(path, "rb+") as f:  # a writable handle: Windows' flush needs one
-        os.fsync(f.fileno())
 
 
 def resolve_checkpoint(folder: str | Path) -> Path:

@@ -70,6 +70,26 @@ def _replace_atomically(path: Path, suffix: str, write) -> None:
         raise
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries, to disk. Folders are best effort: Windows cannot open one for this, and
+    some file systems refuse to sync one."""
+    path = Path(path)
+    if path.is_dir():
+        if os.name == "nt":
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        return
+    with open(path, "rb+") as f:  # a writable handle: Windows' flush needs one
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: the old file stays intact if anything fails."""
 
@@ -158,8 +178,20 @@ def save_nifti(
     header.set_data_dtype(array.dtype)
     header.set_slope_inter(None, None)
     header["cal_min"], header["cal_max"] = 0, 0  # the source's display window would hide a 0-4 mask
-    image = nib.Nifti1Image(array, affine, header)
-    if reference_header is not None:
-        image.set_qform(affine, code=int(reference_header["qform_code"]))
-        image.set_sform(affine, code=int(reference_header["sform_code"]))
-    _replace_atomically(path, suffix, lambda temp: nib.save(image, temp))
+    if reference_header is not None and np.allclose(affine, reference_header.get_best_affine(), atol=1e-6):
+        # on the reference's own grid its header keeps its qform and sform as they are (a registration tool may have
+        # left them different; each viewer reads the one it prefers): nibabel leaves a header alone whose best
+        # affine is the image's
+        image = nib.Nifti1Image(array, reference_header.get_best_affine(), header)
+    else:  # another grid: both become ``affine``, with the reference's codes (sform "aligned" if it had neither)
+        image = nib.Nifti1Image(array, affine, header)
+        if reference_header is not None:
+            q_code, s_code = int(reference_header["qform_code"]), int(reference_header["sform_code"])
+            image.set_qform(affine, code=q_code)
+            image.set_sform(affine, code=s_code or (0 if q_code else 2))
+
+    def write(temp: Path) -> None:
+        nib.save(image, temp)
+        fsync_path(temp)
+
+    _replace_atomically(path, suffix, write)
