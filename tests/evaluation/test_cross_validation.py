@@ -95,3 +95,50 @@ def test_runs_that_are_not_one_cross_validation_are_refused(synth_dataset, fold_
                  "-q"]) == 2
     assert "the folds of a cross-validation must share" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written by a refused call
+
+
+def test_a_dataset_whose_labels_classes_or_channels_differ_from_the_model_is_refused(synth_dataset, fold_runs,
+                                                                                       tmp_path, capsys):
+    """The ground truth is read in the dataset's label values and class order and scored in the model's: a dataset
+    where enhancing tumour is another value (BraTS 2018's 4 against 2021's 3), or whose grade classes come in
+    another order, would be scored wrongly without a word. Both are refused (single run and cross-validation); a
+    different number of channels too; channel names that differ only warn."""
+    from medtriad.data.layout import DatasetSpec
+    from medtriad.evaluation.run import check_dataset_fits
+    from medtriad.models.multitask import ModelSpec
+
+    runs, _, _ = fold_runs
+    model = ModelSpec.load(runs[0] / "model.json")
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data, ignore=shutil.ignore_patterns("imagesTr", "labelsTr"))
+    original = json.loads((data / "dataset.json").read_text())
+    check_dataset_fits(model, DatasetSpec.load(data), runs[0])  # the model's own dataset fits
+
+    def edited(change):
+        content = json.loads(json.dumps(original))
+        change(content)
+        (data / "dataset.json").write_text(json.dumps(content))
+        return DatasetSpec.load(data)
+
+    enhancing = max(original["labels"], key=original["labels"].get)
+    moved = edited(lambda d: (d["labels"].update({enhancing: 3}), d.pop("medtriad", None)))
+    with pytest.raises(ValueError, match="label values differ"):
+        check_dataset_fits(model, moved, runs[0])
+    swapped = edited(lambda d: d["medtriad"]["classification"]["grade"].update(classes=["HGG", "LGG"]))
+    with pytest.raises(ValueError, match="task 'grade' is binary \\['HGG', 'LGG'\\] in the dataset"):
+        check_dataset_fits(model, swapped, runs[0])
+    fewer = edited(lambda d: d["channel_names"].pop(str(len(d["channel_names"]) - 1)))
+    with pytest.raises(ValueError, match="reads 4 channel"):
+        check_dataset_fits(model, fewer, runs[0])
+    renamed = edited(lambda d: d["channel_names"].update({"0": "T2-FLAIR"}))
+    with pytest.warns(UserWarning, match="not named as the model's"):
+        check_dataset_fits(model, renamed, runs[0])
+
+    shutil.copytree(synth_dataset / "imagesTr", data / "imagesTr")  # the CLI, before any case is predicted
+    shutil.copytree(synth_dataset / "labelsTr", data / "labelsTr")
+    edited(lambda d: d["medtriad"]["classification"]["grade"].update(classes=["HGG", "LGG"]))
+    assert main(["evaluate", str(runs[0]), str(data), "--split", "all", "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "task 'grade'" in capsys.readouterr().err
+    assert main(["evaluate", *map(str, runs), str(data), "--cross-validation", "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "task 'grade'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -61,6 +61,13 @@ def _slice_index(label: np.ndarray | None, pred: np.ndarray | None, depth: int) 
     return depth // 2
 
 
+def boxes_on_slice(boxes: np.ndarray, z: int) -> np.ndarray:
+    """Which (N, 6) voxel boxes (xyzxyz, edges on voxel edges: voxel k spans [k, k + 1)) hold the centre of axial
+    slice ``z``: a predicted box [10.3, 10.9) along z is drawn on slice 10."""
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, 6)
+    return (boxes[:, 2] <= z + 0.5) & (z + 0.5 < boxes[:, 5])
+
+
 def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
     """One row of panels (one per contrast) for a case; returns base64 PNG."""
     pred = view.prediction.mask
@@ -89,12 +96,13 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
                 (view.prediction.boxes_voxel[confident], view.prediction.scores[confident], "red", "-")):
             if boxes is None:
                 continue
-            for i, b in enumerate(np.asarray(boxes).reshape(-1, 6)):
-                if b[2] <= z < b[5]:
-                    ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[3] - b[0], b[4] - b[1], fill=False,
-                                           edgecolor=colour, linestyle=style, linewidth=1.2))
-                    if scores is not None:
-                        ax.text(b[0], b[4] + 1, f"{scores[i]:.2f}", color=colour, fontsize=7)
+            boxes = np.asarray(boxes).reshape(-1, 6)
+            for i in np.flatnonzero(boxes_on_slice(boxes, z)):
+                b = boxes[i]
+                ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[3] - b[0], b[4] - b[1], fill=False,
+                                       edgecolor=colour, linestyle=style, linewidth=1.2))
+                if scores is not None:
+                    ax.text(b[0], b[4] + 1, f"{scores[i]:.2f}", color=colour, fontsize=7)
     fig.suptitle(f"{view.case_id}, axial slice {z}  (green: truth, red: prediction; dashed contour: "
                  f"{names[-1]}; boxes scoring >= {BOX_SCORE})", fontsize=9)
     return _png(fig)

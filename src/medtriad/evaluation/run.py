@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from medtriad.data.layout import Case, load_dataset, read_splits
+from medtriad.data.layout import Case, DatasetSpec, load_dataset, read_splits
 from medtriad.data.transforms import load_sample
 from medtriad.evaluation.evaluate import evaluate_samples, score_case, summarize_scores, write_results
 from medtriad.inference.ensemble import EnsemblePredictor, check_specs_agree, run_folders
@@ -21,6 +21,33 @@ from medtriad.models.multitask import ModelSpec
 # what the folds of one cross-validation must share for their held-out cases to be scored as one set (their grids,
 # channels and encoders may differ: each fold reads its cases as it was trained to)
 CROSS_VALIDATION_FIELDS = ("heads", "regions", "labels", "tasks")
+
+
+def check_dataset_fits(model: ModelSpec, dataset: DatasetSpec, run: str | Path) -> None:
+    """Refuse to score ``model`` on a dataset whose targets mean something else: the ground truth is read in the
+    dataset's label values and class order and scored in the model's, so a label value or a class order that differs
+    (BraTS 2018's enhancing tumour 4 against 2021's 3) would give wrong metrics without any error. A different number
+    of channels is refused too; channel names that differ (in order) only warn, since datasets name contrasts their
+    own way, but the contrasts must come in the model's order."""
+    where = f"{run} (model) against {dataset.root / 'dataset.json'}"
+    if dataset.num_channels != model.in_channels:
+        raise ValueError(f"{where}: the model reads {model.in_channels} channel(s) {model.channel_names}, the dataset "
+                         f"has {dataset.num_channels}")
+    names = [dataset.channel_names[i] for i in sorted(dataset.channel_names)]
+    if [n.lower() for n in names] != [n.lower() for n in model.channel_names]:
+        warnings.warn(f"{where}: channels {names} are not named as the model's {model.channel_names}; they are read "
+                      f"in that order", stacklevel=3)
+    if "segmentation" in model.heads and model.labels:
+        differ = sorted(n for n in set(model.labels) & set(dataset.labels) if model.labels[n] != dataset.labels[n])
+        if differ or sorted(model.labels.values()) != sorted(dataset.labels.values()):
+            raise ValueError(f"{where}: label values differ (model {model.labels}, dataset {dataset.labels}); the "
+                             f"model's regions {model.regions} would be read from the wrong labels")
+    for name, task in model.tasks.items():
+        theirs = dataset.tasks.get(name)
+        if theirs is not None and (theirs.kind != task["kind"] or list(theirs.classes) != list(task["classes"])):
+            raise ValueError(f"{where}: classification task {name!r} is {theirs.kind} {list(theirs.classes)} in the "
+                             f"dataset but {task['kind']} {task['classes']} in the model (same classes, same order "
+                             f"needed)")
 
 
 def split_cases(run: str | Path | Sequence[str | Path], cases: list[Case], split: str,
@@ -103,6 +130,7 @@ def evaluate_run(run: str | Path | Sequence[str | Path], dataset: Path, split: s
     predictor = EnsemblePredictor.from_pretrained_runs(runs, device=device, checkpoint=checkpoint,
                                                        inference=inference)
     spec, cases = load_dataset(dataset)
+    check_dataset_fits(predictor.spec, spec, runs[0])
     cases = split_cases(runs, cases, split, Path(dataset))
     chosen = chosen_on_these_cases(runs, checkpoint) if split == "val" else None  # warned before the long part
     samples = (load_sample(c, spec, predictor.spec.spacing, normalization=predictor.spec.normalization)
@@ -158,6 +186,8 @@ def evaluate_cross_validation(runs: Sequence[str | Path], dataset: Path, output:
         raise FileNotFoundError(f"{missing[0]} not found: a cross-validation takes run folders")
     specs = [ModelSpec.load(r / "model.json") for r in runs]
     check_specs_agree(specs, [str(r) for r in runs], CROSS_VALIDATION_FIELDS, "the folds of a cross-validation")
+    for folder, model in zip(runs, specs):
+        check_dataset_fits(model, spec, folder)
     scores = []
     bar = tqdm(total=sum(len(c) for _, c in folds), desc="cross-validation", unit="case", disable=not progress)
     for folder, (fold, fold_cases) in zip(runs, folds):
