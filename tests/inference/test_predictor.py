@@ -1,6 +1,8 @@
 """Predictor: geometry round trips, label decoding, windows, boxes in world coordinates, the predict command."""
 
+import csv
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +16,7 @@ from medtriad.data.layout import load_dataset
 from medtriad.data.transforms import make_geometry, pad_to, read_channels
 from medtriad.inference.predictor import (GridOutput, Predictor, decode_labels, gate_by_boxes, keep_largest_components,
                                           unflip_boxes, window_copies)
-from medtriad.inference.run import discover_cases
+from medtriad.inference.run import discover_cases, predict_folder
 from medtriad.models.multitask import ModelSpec, MultiTaskModel
 
 REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
@@ -294,6 +296,49 @@ def test_boxes_found_wholly_in_the_padding_are_dropped():
                                                          9.0 - lead[2]]]))
 
 
+def test_a_padding_box_suppresses_no_real_box_when_windows_and_copies_are_merged():
+    """With several windows or test-time copies, the boxes of all of them compete in one NMS. A box found in the
+    padding is dropped before that, so that it cannot suppress a real box it overlaps (the real box used to go, and
+    then the padding box too, leaving nothing)."""
+    predictor = _blob_model()
+    image = torch.from_numpy(_scan((30, 26, 20)))
+    div = predictor.model.size_divisible
+    lead = [(-(-n // div) * div - n) // 2 for n in image.shape[1:]]
+    assert lead[0] > 0, "the test needs padding along x"
+    calls = []
+
+    class Boxes(torch.nn.Module):
+        def forward(self, features, roi):
+            calls.append(roi)
+            if len(calls) > 1:  # the mirrored copy finds nothing
+                return [{"boxes": torch.zeros((0, 6)), "labels_scores": torch.zeros(0)}]
+            found = [[0.0, 4.0, 4.0, lead[0] + 0.3, 10.0, 10.0],  # a padding sliver, scoring higher
+                     [0.0, 4.0, 4.0, lead[0] + 2.0, 10.0, 10.0]]  # a real box at the scan's face, overlapping it
+            return [{"boxes": torch.tensor(found), "labels_scores": torch.tensor([0.9, 0.6])}]
+
+    predictor.model.heads["detection"] = Boxes()
+    predictor.spec.heads = ["segmentation", "detection"]
+    predictor.inference = InferenceConfig(roi_size=None, mirror_axes=(1,))
+    out = predictor.predict_grid(image)
+    assert len(calls) == 2
+    torch.testing.assert_close(out.scores, torch.tensor([0.6]))
+    torch.testing.assert_close(out.boxes, torch.tensor([[0.0, 4.0 - lead[1], 4.0 - lead[2], 2.0, 10.0 - lead[1],
+                                                         10.0 - lead[2]]]))
+
+
+def test_a_checkpoint_folder_copied_out_of_its_run_keeps_its_inference_settings(trained_run, tmp_path):
+    """A checkpoint folder holds the run's config, so copied elsewhere it predicts with the run's inference
+    settings, not with a config.yaml that happens to lie two folders up; without one it warns and uses defaults."""
+    copy = tmp_path / "models" / "brats" / "last"
+    shutil.copytree(trained_run / "checkpoints" / "last", copy)
+    (tmp_path / "models" / "config.yaml").write_text("inference:\n  overlap: 0.9\n")  # some other config
+    own = Predictor.from_pretrained(trained_run, checkpoint="last").inference
+    assert own.overlap != 0.9 and Predictor.from_pretrained(copy).inference == own
+    (copy / "config.yaml").unlink()
+    with pytest.warns(UserWarning, match="default inference settings"):
+        assert Predictor.from_pretrained(copy).inference == InferenceConfig()
+
+
 def test_detection_selection_follows_the_inference_settings():
     """The detection head picks each window's boxes with the score threshold, NMS and box count of the inference
     settings in use (``--set inference.max_detections=...``), not with those model.json was built with (here the
@@ -525,6 +570,42 @@ def test_predict_command_shards_skips_and_survives_a_corrupt_case(trained_run, s
     ids = [c.case_id for c in discover_cases([data], spec_channel_names(data))]
     shards = [ids[k::3] for k in range(3)]
     assert sorted(sum(shards, [])) == sorted(ids) and sum(map(len, shards)) == len(ids)
+
+
+def test_a_rerun_keeps_the_rows_of_skipped_cases_and_one_failing_case_stops_nothing(trained_run, synth_dataset,
+                                                                                    tmp_path, monkeypatch, capsys):
+    """``predictions.csv`` lists every case predicted into the folder, also after a rerun that skipped the cases
+    already done (it used to list only the cases of the last call); a case that runs out of memory is reported and
+    the others go on, as any failing case, and loses its row. An unreadable table stops the call before any case."""
+    out = tmp_path / "out"
+    assert main(["predict", "-m", str(trained_run), "-i", str(synth_dataset), "-o", str(out), "-q"]) == 0
+
+    def rows():
+        with open(out / "predictions.csv", newline="") as f:
+            return {row["case"]: row for row in csv.DictReader(f)}
+
+    first = rows()
+    ids = sorted(first)
+    assert len(ids) == len(load_dataset(synth_dataset)[1])
+    for case_id in ids[:2]:
+        (out / f"{case_id}_seg.nii.gz").unlink()  # two cases to predict again; the others are skipped
+    predict = Predictor.predict
+
+    def out_of_memory(self, images, affine=None, case_id="case"):
+        if case_id == ids[1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return predict(self, images, affine, case_id)
+
+    monkeypatch.setattr(Predictor, "predict", out_of_memory)
+    assert main(["predict", "-m", str(trained_run), "-i", str(synth_dataset), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert ids[1] in err and "CUDA out of memory" in err and "Traceback" not in err
+    assert (out / f"{ids[0]}_seg.nii.gz").is_file() and not (out / f"{ids[1]}_seg.nii.gz").exists()
+    # the skipped cases' rows kept, the case predicted again gives the same row, the failed case has none
+    assert rows() == {case_id: row for case_id, row in first.items() if case_id != ids[1]}
+    (out / "predictions.csv").write_bytes(b"case,num_boxes\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="predictions.csv: not a predictions table"):
+        predict_folder(trained_run, [synth_dataset], out, progress=False)
 
 
 def spec_channel_names(data):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,16 @@ class Predictor:
             raise FileNotFoundError(f"no model.json in {path}: expected a run folder or a checkpoint folder")
         spec = ModelSpec.load(spec_file)
         overrides = {f"inference.{key}": value for key, value in (inference or {}).items()}
-        config = Config.load(run / "config.yaml" if (run / "config.yaml").is_file() else None, overrides)
+        # a run folder: its config.yaml; a checkpoint folder: the copy it holds, else (saved before checkpoints held
+        # one) its run's, if its parent's parent is a run; neither: the defaults, with a warning
+        own, runs = folder / "config.yaml", run / "config.yaml" if (run / "model.json").is_file() else None
+        order = (runs, own) if path == run else (own, runs)
+        config_file = next((f for f in order if f is not None and f.is_file()), None)
+        if config_file is None:
+            warnings.warn(f"{path}: no config.yaml with it or in its run folder: the default inference settings are "
+                          f"used (whole volume, no mirroring, no detection gate); set them with ``inference`` "
+                          f"(--set inference.KEY=VALUE on the command line)", stacklevel=2)
+        config = Config.load(config_file, overrides)
         model = build_model(spec, run)
         load_model_weights(model, load_weights(resolve_checkpoint(folder)))
         return cls(model, config.inference, device, heatmaps)
@@ -228,21 +238,20 @@ class Predictor:
         if seg is not None:
             out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *inside)].cpu()
         if boxes:
-            all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
+            all_boxes, all_scores = torch.cat(boxes).cpu(), torch.cat(scores).cpu()
+            all_boxes = all_boxes - torch.tensor([s.start for s in inside] * 2, dtype=torch.float32)
+            all_boxes = torch.minimum(all_boxes.clamp_min(0), torch.tensor(shape * 2, dtype=torch.float32))
+            # a box found (almost) wholly in the padding is left as a sliver on the scan's face when clipped: one that
+            # holds no voxel centre of the scan along some axis (half-open edges, centres at i + 0.5) is not a finding;
+            # dropped before the boxes of all windows and copies compete, so that it suppresses no real box
+            starts, stops = centre_index_ranges(all_boxes.numpy())
+            inside_scan = torch.from_numpy((stops > starts).all(1))
+            all_boxes, all_scores = all_boxes[inside_scan], all_scores[inside_scan]
             if len(slices) * len(copies) > 1 and len(all_boxes):
                 keep = non_max_suppression(all_boxes, all_scores, self.inference.nms_threshold,
                                            max_proposals=self.inference.max_detections)
                 all_boxes, all_scores = all_boxes[keep], all_scores[keep]
-            lead = [s.start for s in inside] * 2
-            all_boxes = all_boxes - torch.tensor(lead, dtype=torch.float32, device=all_boxes.device)
-            limit = torch.tensor(shape * 2, dtype=torch.float32, device=all_boxes.device)
-            all_boxes = torch.minimum(all_boxes.clamp_min(0), limit)
-            # a box found (almost) wholly in the padding is left as a sliver on the scan's face when clipped: one that
-            # holds no voxel centre of the scan along some axis (half-open edges, centres at i + 0.5) is not a finding
-            all_boxes, all_scores = all_boxes.cpu(), all_scores.cpu()
-            starts, stops = centre_index_ranges(all_boxes.numpy())
-            inside_scan = torch.from_numpy((stops > starts).all(1))
-            out.boxes, out.scores = all_boxes[inside_scan], all_scores[inside_scan]
+            out.boxes, out.scores = all_boxes, all_scores
         if tokens:
             head: ClassificationHead = heads["classification"]
             for task, parts in tokens.items():

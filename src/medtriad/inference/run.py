@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+import torch
 from tqdm import tqdm
 
 from medtriad.inference.ensemble import EnsemblePredictor
@@ -79,6 +80,8 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
     spec = predictor.spec
     cases = discover_cases(inputs, spec.channel_names)[part_id::num_parts]
     out.mkdir(parents=True, exist_ok=True)
+    table = out / ("predictions.csv" if num_parts == 1 else f"predictions_part{part_id}of{num_parts}.csv")
+    previous = read_predictions_csv(table)  # read first: an unreadable one stops the call before any case
     failures: list[tuple[str, str]] = []
     rows = []
     expected = {"segmentation": "seg", "detection": "boxes", "classification": "class"}
@@ -94,7 +97,9 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
             pred = predictor.predict(case.files, case_id=case.case_id)
             source = nib.load(next(f for f in case.files if f is not None)).header  # qform/sform codes, units
             write_prediction(out, pred, spec.heads, reference_header=source)
-        except (CaseFileError, ValueError, OSError) as error:
+        except (CaseFileError, ValueError, OSError, RuntimeError, MemoryError) as error:  # RuntimeError: out of memory
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()  # the next, smaller case may fit
             failures.append((case.case_id, str(error)))
             tqdm.write(f"FAILED {case.case_id}: {error}")
             continue
@@ -105,11 +110,32 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
         for task, probs in pred.probabilities.items():
             row.update({f"p_{task}_{c}": round(p, 4) for c, p in probs.items()})
         rows.append(row)
-    if rows:
-        name = "predictions.csv" if num_parts == 1 else f"predictions_part{part_id}of{num_parts}.csv"
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(out / name, buffer.getvalue())
+    if rows or (failures and previous):
+        failed = {case_id for case_id, _ in failures}
+        merged = {case_id: row for case_id, row in previous.items() if case_id not in failed}
+        merged.update((row["case"], row) for row in rows)
+        write_predictions_csv(table, merged)
     return failures
+
+
+def read_predictions_csv(path: Path) -> dict[str, dict]:
+    """The rows of an earlier call's ``predictions.csv`` by case ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {row["case"]: row for row in csv.DictReader(f) if row.get("case")}
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a predictions table ({error}); move it away to start a new one") from None
+
+
+def write_predictions_csv(path: Path, merged: dict[str, dict]) -> None:
+    """Write the per-case summary rows sorted by case: a rerun skips the cases already predicted, whose rows (read
+    with :func:`read_predictions_csv`) stay; a case predicted again gets its new row, one that failed loses its
+    row."""
+    buffer = io.StringIO()
+    fields = list(dict.fromkeys(k for r in merged.values() for k in r))
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(merged[case] for case in sorted(merged))
+    atomic_write_text(path, buffer.getvalue())

@@ -414,6 +414,7 @@ class Trainer:
                          "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
         folder = save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state)
         self.model_spec.save(folder / "model.json")
+        self.config.save(folder / "config.yaml")  # its inference settings travel with a checkpoint copied elsewhere
         if name == "best" and isinstance(self.model, PluginModel):
             self._export_plugins()
 
