@@ -535,8 +535,6 @@ def test_boxes_in_world_coordinates_match_voxel_boxes(trained_run, synth_dataset
 
 def test_predict_command_shards_skips_and_survives_a_corrupt_case(trained_run, synth_dataset, tmp_path, capsys):
     data = tmp_path / "data"
-    import shutil
-
     shutil.copytree(synth_dataset, data)
     spec, cases = load_dataset(data)
     scan = nib.load(cases[0].image_files[0])  # a scanner's header: qform and sform codes 1, units mm and s

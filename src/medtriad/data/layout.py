@@ -162,7 +162,7 @@ class DatasetSpec:
             if isinstance(value, list):
                 raise ValueError(f"{path}: key 'labels.{name}' is a list (nnU-Net's region-based labels): give each "
                                  f"label one integer value and its regions in 'medtriad.regions'")
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not _integer(value):
                 raise ValueError(f"{path}: key 'labels.{name}' must be an integer label value, got {value!r}")
         if "ignore" in labels:  # nnU-Net's sparse annotation: it would be trained as a class, and scored as one
             raise ValueError(f"{path}: key 'labels.ignore' (nnU-Net's ignore label, for sparse annotations) is not "
@@ -171,7 +171,7 @@ class DatasetSpec:
         default_regions = {name: [value] for name, value in labels.items() if value != 0}
         regions = {}
         for region, values in get(extra, "regions", dict, "medtriad.", default_regions).items():
-            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            if not isinstance(values, list) or not all(_integer(v) for v in values):
                 raise ValueError(f"{path}: key 'medtriad.regions.{region}' must list label values, got {values!r}")
             regions[region] = tuple(values)
         tasks = {}
@@ -220,6 +220,11 @@ class DatasetSpec:
     def save(self) -> None:
         """Write ``root/dataset.json`` atomically."""
         write_json(self.root / "dataset.json", self.to_json())
+
+
+def _integer(value: Any) -> bool:
+    """An integer read from JSON (``true`` is a bool there, not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_json(path: Path) -> Any:
@@ -481,8 +486,7 @@ def read_boxes_json(path: str | os.PathLike) -> dict[str, list[Box]]:
                 if not isinstance(entry, dict) or "voxel" not in entry or "world" not in entry:
                     raise ValueError(f"expected an object with 'voxel' and 'world', got {entry!r}")
                 label, volume = entry.get("label", 0), entry.get("volume_voxels")
-                integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (JSON true is not 1)
-                if not integer(label) or not (volume is None or integer(volume)):
+                if not _integer(label) or not (volume is None or _integer(volume)):
                     raise ValueError(f"label and volume_voxels must be integers, got {label!r}, {volume!r}")
                 box = Box(entry["voxel"], entry["world"], label, volume)
                 if any(box.voxel[i] >= box.voxel[i + 3] for i in range(3)):  # it would mark no voxel in training
