@@ -51,3 +51,30 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path):
     assert load_state(tmp_path / "last")["epoch"] == 1
     with pytest.raises(FileNotFoundError):
         load_weights(tmp_path / "nothing")
+
+
+def test_extra_files_are_swapped_in_with_the_weights(tmp_path):
+    """Extra files (a run's model.json and config.yaml) are written inside the new checkpoint before the swap: a
+    writer that fails leaves the previous checkpoint with its own extras, never new weights without them."""
+    model, _, _ = _trained_optimizer()
+
+    def note(text):
+        return lambda path: path.write_text(text)
+
+    folder = save_checkpoint(tmp_path / "last", model.state_dict(), {"epoch": 1}, extras={"model.json": note("one")})
+    assert (folder / "model.json").read_text() == "one"
+
+    def crash(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "last", model.state_dict(), {"epoch": 2},
+                        extras={"model.json": note("two"), "config.yaml": crash})
+    assert load_state(tmp_path / "last")["epoch"] == 1
+    assert (tmp_path / "last" / "model.json").read_text() == "one"
+    assert not (tmp_path / "last" / "config.yaml").exists()
+    for bad in (STATE, "../model.json", "..", ""):
+        with pytest.raises(ValueError, match="plain file name"):
+            save_checkpoint(tmp_path / "last", model.state_dict(), {"epoch": 3}, extras={bad: note("x")})
+    assert load_state(tmp_path / "last")["epoch"] == 1

@@ -6,8 +6,10 @@ A checkpoint is a folder::
     optimizer.safetensors   every tensor of the optimizer / scheduler / RNG state, flattened by key path
     state.json              epoch, step, metrics, and the non-tensor rest of that state
 
-A new checkpoint is written into ``NAME.tmp``, flushed to disk, and swapped in by renames; the previous one survives
-as ``NAME.old`` until the swap is complete, and :func:`resolve_checkpoint` falls back to it. Nothing is ever unpickled:
+plus any files the caller adds (a training run adds ``model.json`` and ``config.yaml``, so that a checkpoint copied
+elsewhere can be rebuilt and run on its own). A new checkpoint is written into ``NAME.tmp``, flushed to disk, and
+swapped in by renames; the previous one survives as ``NAME.old`` until the swap is complete, and
+:func:`resolve_checkpoint` falls back to it. Nothing is ever unpickled:
 weights and state load from safetensors and JSON only, so a checkpoint from an untrusted source cannot run code.
 """
 
@@ -17,7 +19,7 @@ import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,9 +60,15 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write a checkpoint folder atomically (see the module docstring). ``state`` may hold tensors anywhere."""
-    folder = Path(folder)
+def save_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                    extras: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring). ``state`` may hold tensors anywhere.
+    ``extras`` maps the names of further files to writers, each called with its path in the new folder before the
+    swap, so that they are swapped in with the weights or not at all."""
+    folder, extras = Path(folder), dict(extras or {})
+    for name in extras:
+        if name in (WEIGHTS, TENSORS, STATE, "", ".", "..") or Path(name).name != name:
+            raise ValueError(f"checkpoint extra {name!r}: a plain file name other than {WEIGHTS}, {TENSORS}, {STATE}")
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -69,6 +77,8 @@ def save_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], state:
     plain = _flatten(state, "s", tensors)
     save_file(tensors, str(tmp / TENSORS))
     write_json(tmp / STATE, plain)
+    for name, write in extras.items():
+        write(tmp / name)
     for path in (tmp / WEIGHTS, tmp / TENSORS, tmp):  # on disk before the swap, so a power cut cannot empty them
         fsync_path(path)
     if folder.exists():
@@ -87,6 +97,15 @@ def resolve_checkpoint(folder: str | Path) -> Path:
         if (candidate / WEIGHTS).is_file() and (candidate / STATE).is_file():
             return candidate
     raise FileNotFoundError(f"no complete checkpoint at {folder} (expected {WEIGHTS} and {STATE})")
+
+
+def checkpoint_exists(folder: str | Path) -> bool:
+    """Whether :func:`resolve_checkpoint` finds a complete checkpoint at ``folder`` (or its ``.old`` copy)."""
+    try:
+        resolve_checkpoint(folder)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
