@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def skipped_steps(dataset: str, out: Path, steps: int, threads: int) -> int:
                                           "training.iterations_per_epoch": steps, "training.validate_every": 1000,
                                           "training.precision": "bf16", "training.num_threads": threads,
                                           "training.seed": 0, "data.rotation_planes": [[0, 1], [0, 2], [1, 2]]})
+    shutil.rmtree(out, ignore_errors=True)  # a rerun trains afresh (the trainer refuses a folder holding a run)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Trainer(dataset, config, out, device="cpu", progress=False).fit()

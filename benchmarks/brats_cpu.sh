@@ -17,6 +17,7 @@ run=$work/run
 source "$(dirname "$0")/brats_fold_runs.sh"
 mkdir -p "$work"
 brats_dataset "$work"
+rm -rf "$run"  # a rerun trains afresh (medtriad train refuses a folder that holds a run)
 start=$(date +%s)
 OMP_NUM_THREADS=2 medtriad train "$work/dataset" -c "$config" -o "$run" --fold "$fold" -q \
     --set training.validate_every=1000

@@ -13,6 +13,7 @@ data="$work/dataset"
 out="$work/fold1"
 mkdir -p "$out"
 for prior in null 0.01; do
+  rm -rf "$out/p$prior"  # a rerun trains afresh (medtriad train refuses a folder that holds a run)
   OMP_NUM_THREADS=1 medtriad train "$data" -c brats-cpu -o "$out/p$prior" --fold 1 -q \
       --set training.validate_every=1000 --set training.num_threads=1 \
       --set "model.segmentation={decoder_channels: [8, 16, 32, 64], prior: $prior}" > "$out/p$prior.log" 2>&1 &

@@ -19,6 +19,7 @@ overrides_to_sets() {  # 'KEY=VALUE ...' -> the array SETS of `--set KEY=VALUE` 
 train_one_thread() {  # DATASET CONFIG RUN FOLD [ARG ...]: one thread, validation only at the end; log in RUN.log
   local dataset=$1 config=$2 run=$3 fold=$4
   shift 4
+  rm -rf "$run"  # a rerun trains afresh (medtriad train refuses a folder that holds a run)
   OMP_NUM_THREADS=1 medtriad train "$dataset" -c "$config" -o "$run" --fold "$fold" -q \
       --set training.validate_every=1000 --set training.num_threads=1 "$@" > "$run.log" 2>&1
 }

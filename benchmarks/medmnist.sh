@@ -12,6 +12,8 @@ DATA=${MEDMNIST:-$(dirname "$0")/../../shared/data/medmnist3d}
 mkdir -p "$OUT"
 [ -d "$OUT/adrenal" ] || medtriad import medmnist "$DATA/adrenalmnist3d.npz" "$OUT/adrenal" --task adrenal -q
 [ -d "$OUT/vessel" ] || medtriad import medmnist "$DATA/vesselmnist3d.npz" "$OUT/vessel" --task vessel --channel-name MRA -q
+# a rerun trains afresh (medtriad train refuses a folder that holds a run)
+rm -rf "$OUT"/cnn-adrenal "$OUT"/cnn-vessel "$OUT"/plugin-adrenal "$OUT"/plugin-vessel
 for name in adrenal vessel; do
   medtriad train "$OUT/$name" -c medmnist-cnn -o "$OUT/cnn-$name" --set training.max_minutes=$CNN_MIN -q
   medtriad evaluate "$OUT/cnn-$name" "$OUT/$name" --split test -q

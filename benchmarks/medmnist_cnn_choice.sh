@@ -13,6 +13,7 @@ mkdir -p "$OUT"
   --channel-name MRA -q
 for name in adrenal vessel; do
   for radial in false true; do
+    rm -rf "$OUT/cnn7-$name-radial_$radial"  # a rerun trains afresh (medtriad train refuses a folder that holds a run)
     OMP_NUM_THREADS=1 medtriad train "$OUT/$name" -c medmnist-cnn -o "$OUT/cnn7-$name-radial_$radial" -q \
       --set training.max_minutes=0 --set training.epochs=7 --set training.num_threads=1 \
       --set model.radial_coordinate=$radial > "$OUT/cnn7-$name-radial_$radial.log" 2>&1 &

@@ -28,6 +28,7 @@ runs=()
 for seed in $SEEDS; do
   run="$OUT/cnn$TAG$EPOCHS-$NAME-seed$seed"
   runs+=("$run")
+  rm -rf "$run"  # a rerun trains afresh (medtriad train refuses a folder that holds a run)
   OMP_NUM_THREADS=1 medtriad train "$OUT/$NAME" -c medmnist-cnn -o "$run" -q --set training.max_minutes=0 \
     --set training.epochs="$EPOCHS" --set training.num_threads=1 --set training.seed="$seed" \
     ${overrides[@]+"${overrides[@]}"} > "$run.log" 2>&1 &

@@ -15,5 +15,6 @@ if [ $# -ge 2 ]; then
     train=(--train "$2" --minutes "${3:?MINUTES is required with DATASET}")
 fi
 mkdir -p "$out"
+rm -rf "$out/brats-cpu" "$out/brats-swin"  # a rerun measures afresh (training refuses a folder that holds a run)
 medtriad benchmark -c brats-cpu --input-size 128 128 80 -o "$out/brats-cpu" "${train[@]}" -q
 medtriad benchmark -c brats-swin --input-size 96 96 96 -o "$out/brats-swin" "${train[@]}" -q

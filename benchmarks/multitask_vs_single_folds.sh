@@ -18,6 +18,7 @@ folds=("$@")
 [ ${#folds[@]} -gt 0 ] || folds=(0 1)
 mkdir -p "$out"
 run_fold() {
+    rm -rf "$out/fold$1"  # a rerun measures afresh (training refuses a folder that holds a run)
     OMP_NUM_THREADS=1 medtriad benchmark -c "$config" --input-size 128 128 80 -o "$out/fold$1" \
         --train "$dataset" --minutes "$minutes" --fold "$1" --set training.validate_every=1000 -q \
         > "$out/fold$1.log" 2>&1

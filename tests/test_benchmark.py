@@ -114,12 +114,11 @@ def test_cpu_memory_in_a_child_process():
     assert memory["process_peak_mib"] > memory["rss_before_mib"]
 
 
-def test_cli_with_short_training(synth_dataset, tmp_path):
+def test_cli_with_short_training(synth_dataset, tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["benchmark", "-c", "tiny", "-o", str(out), "--train", str(synth_dataset), "--minutes", "0.02",
-                 "--set", "training.epochs=1", "--warmup", "0", "--repeats", "1", "--no-memory", "--device", "cpu",
-                 "-q"])
-    assert code == 0
+    command = ["benchmark", "-c", "tiny", "-o", str(out), "--train", str(synth_dataset), "--minutes", "0.02",
+               "--set", "training.epochs=1", "--warmup", "0", "--repeats", "1", "--no-memory", "--device", "cpu", "-q"]
+    assert main(command) == 0
     report = json.loads((out / "benchmark.json").read_text())
     metrics = {name: m["training"]["metrics"] for name, m in report["models"].items()}
     assert set(metrics["multi"]) == {"dice_WT", "dice_TC", "dice_ET", "AP@0.10", "AUC_grade"}
@@ -133,6 +132,11 @@ def test_cli_with_short_training(synth_dataset, tmp_path):
     assert pooled["folds"] == [0] and set(pooled["multi_minus_single"]) == {
         "seg:dice_WT", "seg:dice_TC", "seg:dice_ET", "det:AP@0.10", "cls:AUC_grade"}
     assert main(["benchmark", "-c", "tiny", "-o", str(out), "--minutes", "1"]) == 2  # --minutes without --train
+    capsys.readouterr()
+    before = (out / "benchmark.json").read_bytes()
+    assert main(command) != 0  # the same folder again: refused before any variant trains, the report kept
+    assert "runs/multi already holds a trained run" in capsys.readouterr().err
+    assert (out / "benchmark.json").read_bytes() == before
 
 
 def _trained_report(fold: int, metrics: dict[str, dict[str, float]]) -> dict:

@@ -3,13 +3,18 @@
 import re
 
 import nibabel as nib
+import torch
 
+from medtriad.checkpoint import load_state, save_checkpoint
 from medtriad.cli import main
 
 
 def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
     out = tmp_path / "demo"
+    stale = out / "run" / "checkpoints" / "last"  # an earlier demo's run: a rerun trains afresh in its place
+    save_checkpoint(stale, {"w": torch.zeros(1)}, {"epoch": 99})
     assert main(["demo", "--out", str(out), "--quick", "-q"]) == 0
+    assert load_state(stale)["epoch"] < 99
     report = out / "report.html"
     assert str(report.resolve()) in capsys.readouterr().out
     page = report.read_text()

@@ -303,8 +303,10 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
     (:func:`medtriad.evaluation.evaluate.headline_metrics`; every run validates after its last epoch, so all four
     are scored at the budget's end).
     """
-    from medtriad.training.trainer import train
+    from medtriad.training.trainer import refuse_trained_run, train
 
+    for name in VARIANTS:  # before any training: not after an hour spent on the variants before it
+        refuse_trained_run(Path(out) / "runs" / name)
     results: dict[str, dict[str, Any]] = {}
     for name, heads in VARIANTS.items():
         cfg = variant_config(config, heads)

@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> predict -> HTML report")
-    p.add_argument("--out", default="medtriad-demo")
+    p.add_argument("--out", default="medtriad-demo",
+                   help="output folder (a rerun reuses its data/ and replaces its run/)")
     p.add_argument("--minutes", type=float, default=None, help="training budget (default 7; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="a reduced, minute-long mode")
     p.set_defaults(func=_cmd_demo)

@@ -6,6 +6,7 @@ held-out fold, predicts one case to files, and writes one self-contained HTML re
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def run_demo(out: str | Path = "medtriad-demo", minutes: float | None = None, qu
     if minutes is not None:
         config.training.max_minutes = float(minutes)
     config.training.seed = seed
+    shutil.rmtree(run, ignore_errors=True)  # a rerun trains afresh: the demo's run is its own, replaced each time
     train(data, config, run, fold=0, progress=progress)
 
     predictor = Predictor.from_pretrained(run)

@@ -271,3 +271,38 @@ def test_brats_grade_and_findings_plugins_from_one_config(brats2018, tmp_path):
         np.testing.assert_allclose(heatmap.affine, image.affine, atol=1e-5)
         data = heatmap.get_fdata()
         assert 0.5 < data.max() <= 1.0 + 1e-6 and data.min() >= -1e-6  # scaled to max 1 on the model grid
+
+
+def test_cases_without_masks_batch_with_labelled_ones_and_leave_the_aux_loss_out(synth_dataset, tmp_path):
+    """Label maps are optional per case for a classification model: a case without one stands in with empty
+    regions of the labelled cases' width, so a batch mixing the two stacks (it failed with a shape error). The
+    plugins' auxiliary pixel loss is taken over the cases with masks; a batch without any leaves it out (a loss of 0
+    would pull an uncertainty-weighted aux weight up) while its decoder still gets a (zero) gradient."""
+    from medtriad.training.trainer import Trainer
+
+    data = tmp_path / "partial"
+    shutil.copytree(synth_dataset, data)
+    for label in sorted((data / "labelsTr").glob("*.nii.gz"))[::2]:
+        label.unlink()
+    config = Config.from_dict({
+        "data": {"spacing": [5, 5, 5], "patch_size": [28, 28, 28]},
+        "model": {"encoder": "slice2d", "heads": ["classification"],
+                  "encoder_kwargs": {"vit": TINY_VIT, "slice_size": 28, "max_slices": 4, "channel_map": [0, 2, 3]},
+                  "plugin": {"rank": 2, "alpha": 4, "query_dim": 8, "aux": True}},
+        "training": {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 4, "warmup_iterations": 1,
+                     "balancing": "uncertainty"}})
+    trainer = Trainer(data, config, tmp_path / "run", progress=False)
+    trainer.prepare()
+    batches = [trainer.draw_batch(step) for step in range(6)]
+    mixed = [b for b in batches if any(b["has_mask"]) and not all(b["has_mask"])]
+    assert mixed, "no batch mixed cases with and without masks"
+    assert all(b["regions"].shape[:2] == (4, 3) for b in batches)  # WT, TC, ET for every case
+    losses, _ = trainer.step_losses(mixed[0])
+    assert "aux:grade" in losses and torch.isfinite(losses["aux:grade"])
+    batch = {**mixed[0], "has_mask": [False] * 4}
+    losses, tail = trainer.step_losses(batch)
+    assert "aux:grade" not in losses
+    trainer.model.zero_grad()
+    (trainer.balancer(losses) + tail).backward()
+    aux = [p for n, p in trainer.model.named_parameters() if "aux" in n and p.requires_grad]
+    assert aux and all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in aux)

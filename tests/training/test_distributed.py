@@ -60,6 +60,19 @@ def test_two_process_training_resume_and_gathered_metrics(synth_dataset, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gradnorm_weights_agree_across_ranks(synth_dataset, tmp_path):
+    """GradNorm updates its task weights from each rank's own losses and gradient norms; every rank then takes rank
+    0's, so the ranks weigh the losses alike (and the weights saved, rank 0's, are the ones every rank used)."""
+    run, out = tmp_path / "run", tmp_path / "weights"
+    out.mkdir()
+    torchrun(synth_dataset, run, out, "fresh", "gradnorm")
+    a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    weights = a["balancer.task_weights"]
+    assert not torch.allclose(weights, torch.ones_like(weights))  # they moved
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_a_head_without_targets_still_gets_gradients(synth_dataset, tmp_path):
     """DDP needs a gradient for every parameter at every step: a batch with no known class label and no box must
     still give the classification head and the box-regression head (zero) gradients instead of leaving them out."""

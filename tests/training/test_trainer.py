@@ -130,6 +130,23 @@ def test_resume_keeps_a_best_checkpoint_newer_than_last(synth_dataset, tmp_path)
     assert load_state(best)["epoch"] == 0 and load_state(run / "checkpoints" / "last")["epoch"] == 1
 
 
+def test_a_best_checkpoint_left_as_best_old_is_kept(synth_dataset, tmp_path):
+    """A crash between the renames of a `best` swap leaves only `best.old`; the resumed run reads it as the best
+    checkpoint and replaces it only with a better epoch (it used to write the next epoch over it, better or not)."""
+    config = Config.load("tiny", {**TINY, "training.epochs": 1})
+    run = tmp_path / "run"
+    train(synth_dataset, config, run, progress=False)
+    best = run / "checkpoints" / "best"
+    state = load_state(best)
+    state["best_score"] = 2.0  # above any reachable score
+    save_checkpoint(best, load_weights(best), state)
+    best.rename(best.with_name("best.old"))
+    config.training.epochs = 2
+    config.save(run / "config.yaml")
+    assert train(synth_dataset, config, run, resume=True, progress=False).best_score == 2.0
+    assert load_state(best)["epoch"] == 0 and load_state(run / "checkpoints" / "last")["epoch"] == 1
+
+
 def test_the_epoch_in_which_the_budget_runs_out_is_validated(synth_dataset, tmp_path, monkeypatch):
     """The time budget running out while an epoch is being saved (after its last step was checked) still ends
     the run with a validated epoch: the next epoch trains one step and is validated, not skipped unvalidated."""
@@ -385,3 +402,60 @@ def test_learned_loss_balancing_trains_and_logs_weights(synth_dataset, tmp_path,
         assert sum(weights.values()) == pytest.approx(3.0, rel=1e-4)
     saved = load_weights(tmp_path / "run" / "checkpoints" / "last")
     assert any(k.startswith("balancer.") for k in saved)  # the learned weights travel with the checkpoint
+
+
+def test_a_new_run_never_trains_over_a_trained_one(synth_dataset, tmp_path, capsys):
+    """Training without --resume into a folder that holds a checkpoint (or, after a crash mid-swap, only its .old
+    copy) is refused before anything is written: that checkpoint would survive beside the new config and split, and a
+    later --resume would continue it. A folder whose run stopped before its first checkpoint trains afresh."""
+    run = tmp_path / "run"
+    config = Config.load("tiny", {**TINY, "training.epochs": 1})
+    train(synth_dataset, config, run, progress=False)
+    state, config_file = (run / "checkpoints" / "last" / "state.json").read_bytes(), (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="already holds a trained run .*--resume"):
+        train(synth_dataset, Config.load("tiny", {**TINY, "training.epochs": 3}), run, progress=False)
+    assert main(["train", str(synth_dataset), "-c", "tiny", "-o", str(run), "-q"]) != 0
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last" / "state.json").read_bytes() == state
+    assert (run / "config.yaml").read_bytes() == config_file
+    shutil.rmtree(run / "checkpoints" / "best")
+    (run / "checkpoints" / "last").rename(run / "checkpoints" / "last.old")
+    with pytest.raises(ValueError, match="already holds a trained run"):
+        train(synth_dataset, config, run, progress=False)
+    (run / "checkpoints" / "last.old").rename(run / "checkpoints" / "best.old")
+    with pytest.raises(ValueError, match="already holds a trained run"):
+        train(synth_dataset, config, run, progress=False)
+    shutil.rmtree(run / "checkpoints")  # stopped before its first checkpoint: nothing to continue
+    assert train(synth_dataset, config, run, progress=False).epochs_done == 1
+
+
+def test_uncertainty_log_variances_have_no_weight_decay_and_old_runs_resume(synth_dataset, tmp_path):
+    """The learned log-variances form an AdamW group without weight decay (decay would pull every task weight to 1);
+    a run saved when they shared the model's group (one group) still resumes, its group split the same way."""
+    config = Config.load("tiny", {**TINY, "training.epochs": 1, "training.balancing": "uncertainty"})
+    trainer = Trainer(synth_dataset, config, tmp_path / "run", progress=False)
+    trainer.prepare()
+    model_group, balancer_group = trainer.optimizer.param_groups
+    assert balancer_group["weight_decay"] == 0.0 and model_group["weight_decay"] == config.training.weight_decay
+    assert {id(p) for p in balancer_group["params"]} == {id(p) for p in trainer.balancer.parameters()}
+
+    run = tmp_path / "old"
+    train(synth_dataset, config, run, progress=False)
+    last = run / "checkpoints" / "last"
+    state = load_state(last)
+    groups = state["optimizer"]["param_groups"]
+    state["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
+    state["scheduler"].update({k: state["scheduler"][k][:1] for k in ("base_lrs", "_last_lr", "lr_lambdas")})
+    save_checkpoint(last, load_weights(last), state,
+                    extras={name: lambda path, n=name: shutil.copy(run / n, path) for name in ("model.json",
+                                                                                              "config.yaml")})
+    config.training.epochs = 2
+    config.save(run / "config.yaml")
+    loaded = Trainer(synth_dataset, config, run, progress=False)
+    loaded.prepare()
+    loaded._restore()
+    loaded.scheduler.step()  # one schedule for both groups, stepped on from the saved state
+    model_group, balancer_group = loaded.optimizer.param_groups
+    assert balancer_group["lr"] == model_group["lr"] > 0 and balancer_group["weight_decay"] == 0.0
+    resumed = Trainer(synth_dataset, config, run, progress=False)
+    assert resumed.fit(resume=True).epochs_done == 2

@@ -63,6 +63,16 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], world: int) -> N
         offset += n
 
 
+def broadcast_module(module: torch.nn.Module, world: int, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers of ``module`` into every rank's, in place: the loss balancer's
+    GradNorm weights, which each rank updates from its own batch, so that all ranks weigh the losses alike."""
+    if world == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=src)
+
+
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()

@@ -50,7 +50,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from medtriad.checkpoint import load_state, load_weights, owned_by, resolve_checkpoint, save_checkpoint
+from medtriad.checkpoint import (checkpoint_exists, load_state, load_weights, owned_by, resolve_checkpoint,
+                                 save_checkpoint)
 from medtriad.config import Config
 from medtriad.data.boxes import boxes_from_instances
 from medtriad.data.check import check_dataset, format_problems
@@ -67,7 +68,8 @@ from medtriad.models.memory_format import channels_last_for_training
 from medtriad.models.multitask import ModelSpec, build_model, check_input_size, load_model_weights, model_weights
 from medtriad.precision import autocast, autocast_dtype
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss, loss_head
-from medtriad.training.distributed import average_gradients, barrier, broadcast, gather, init_distributed
+from medtriad.training.distributed import (average_gradients, barrier, broadcast, broadcast_module, gather,
+                                          init_distributed)
 from medtriad.training.plots import plot_progress
 
 
@@ -207,10 +209,10 @@ class Trainer:
         self.balancer = build_balancer(cfg.training.balancing, tasks, weights=weights,
                                        shared_parameters=list(last.parameters()),
                                        alpha=cfg.training.gradnorm_alpha).to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]  # a slice2d backbone stays frozen
-        if cfg.training.balancing == "uncertainty":
-            params += list(self.balancer.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate,
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]  # a slice2d backbone: frozen
+        if cfg.training.balancing == "uncertainty":  # the learned log-variances, without weight decay (it would
+            groups.append({"params": list(self.balancer.parameters()), "weight_decay": 0.0})  # pull weights to 1)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.training.learning_rate,
                                            weight_decay=cfg.training.weight_decay)
         total = cfg.training.epochs * cfg.training.iterations_per_epoch
         warmup = cfg.training.warmup_iterations
@@ -326,9 +328,12 @@ class Trainer:
         picks = rng.integers(0, len(self.train_samples), size=cfg.training.batch_size)
         images, regions, boxes, fg, classes = [], [], [], [], {t: [] for t in self.model_spec.tasks}
         has_mask = []
+        # a case without a label map: empty regions, as many channels as a labelled case's (a mixed batch stacks)
+        num_regions = max(1, len(self.spec.regions))
         for k, index in enumerate(picks):
             s: Sample = self.train_samples[index]
-            regions_in = s.regions if s.regions is not None else torch.zeros((1, *s.image.shape[1:]), dtype=torch.uint8)
+            regions_in = s.regions if s.regions is not None else torch.zeros((num_regions, *s.image.shape[1:]),
+                                                                             dtype=torch.uint8)
             instances = s.instances if s.instances is not None else torch.zeros(s.image.shape[1:], dtype=torch.int32)
             foreground = regions_in[:1] if s.regions is not None else (s.image.abs().sum(0, keepdim=True) > 0)
             # the patch's randomness is a function of (seed, step, k) alone: a resumed run draws the same patches
@@ -377,17 +382,21 @@ class Trainer:
             losses["segmentation"] = self.seg_loss([v.float() for v in seg_logits], batch["regions"])
         if "detection" in out:
             losses["detection"] = sum(v.float() for v in out["detection"].values())
-        for task, logits in out.get("aux", {}).items():  # slice2d plugins' auxiliary pixel supervision
-            losses[f"aux:{task}"] = aux_segmentation_loss(logits.float(), batch["regions"], batch["has_mask"])
         unused = []
+        for task, logits in out.get("aux", {}).items():  # slice2d plugins' auxiliary pixel supervision
+            if any(batch["has_mask"]):
+                losses[f"aux:{task}"] = aux_segmentation_loss(logits.float(), batch["regions"], batch["has_mask"])
+            else:  # no case with a mask: absent (as an unknown class label is), not a loss of 0 for the balancer
+                unused.append(logits)
         if "classification" in out:
             logits = {t: v.float() for t, v in out["classification"].items()}
             found = self.cls_loss(logits, batch["classes"])
             for task, value in found.items():
                 losses[f"class:{task}"] = value
-            unused = [v for t, v in logits.items() if t not in found]
-        # A head without a target in this batch (no known class label) still joins the graph with weight zero, so
-        # every parameter gets a (zero) gradient: DDP then synchronises as always instead of failing or skipping.
+            unused += [v for t, v in logits.items() if t not in found]
+        # A head without a target in this batch (no known class label, no mask) still joins the graph with weight
+        # zero, so every parameter gets a (zero) gradient: DDP then synchronises as always instead of failing or
+        # skipping.
         losses_tail = sum((0.0 * v.sum() for v in unused), torch.zeros((), device=self.device))
         return losses, losses_tail
 
@@ -412,9 +421,9 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state(), "numpy": list(_numpy_state()),
                          "python": _python_state(),
                          "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
-        folder = save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state)
-        self.model_spec.save(folder / "model.json")
-        self.config.save(folder / "config.yaml")  # its inference settings travel with a checkpoint copied elsewhere
+        # model.json and the config (its inference settings) travel with a checkpoint copied elsewhere
+        save_checkpoint(self.run_dir / "checkpoints" / name, self._weights(), state,
+                        extras={"model.json": self.model_spec.save, "config.yaml": self.config.save})
         if name == "best" and isinstance(self.model, PluginModel):
             self._export_plugins()
 
@@ -445,8 +454,9 @@ class Trainer:
         state = load_state(folder)
         if self.ema is not None:
             self.ema.n_averaged.fill_(state["ema_updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        optimizer, scheduler = _grouped_as(state["optimizer"], state["scheduler"], self.optimizer)
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(scheduler)
         if hasattr(self.balancer, "load_extra_state"):
             self.balancer.load_extra_state(state["balancer_extra"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -511,6 +521,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
+        if not resume:  # rank 0 looks (another node may see the folder differently); every rank stops alike
+            refusal = None
+            if self.main:
+                try:
+                    refuse_trained_run(self.run_dir)
+                except ValueError as error:
+                    refusal = str(error)
+            refusal = broadcast(refusal, self.world)
+            if refusal:
+                raise ValueError(refusal)
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -562,6 +582,9 @@ class Trainer:
                         # tumour leaves the case's class unknown); it then adds only the zero-weighted tail
                         total = ((self.balancer(losses) if losses else 0.0) + tail) / cfg.training.accumulate
                         self.scaler.scale(total).backward()
+                    # GradNorm updates its task weights inside the loss, from this rank's losses: every rank takes
+                    # rank 0's before the next micro-batch, so all ranks weigh the losses alike
+                    broadcast_module(self.balancer, self.world)
                     for k, v in losses.items():
                         sums.setdefault(k, []).append(float(v.detach()))
                 average_gradients(self.balancer.parameters(), self.world)  # learned weights: one value on all ranks
@@ -614,7 +637,7 @@ class Trainer:
             if self.main:
                 # best first: a crash between the two writes leaves a best no older than last's record of it
                 # (and --resume takes the higher of the two recorded best scores)
-                if improved or not (self.run_dir / "checkpoints" / "best").exists():
+                if improved or not checkpoint_exists(self.run_dir / "checkpoints" / "best"):
                     self._save("best", epoch, step, elapsed, history, best)
                 self._save("last", epoch, step, elapsed, history, best)
                 write_json(self.run_dir / "history.json", history)
@@ -628,6 +651,32 @@ class Trainer:
             if last_epoch:
                 break
         return TrainResult(self.run_dir, best, epoch + 1, summary)
+
+
+def refuse_trained_run(run_dir: str | Path) -> None:
+    """A new run never trains into a folder that holds another run's checkpoint: that checkpoint would outlive the
+    new run's first epochs beside the new config and split, and a later ``--resume`` would continue it."""
+    held = [name for name in ("last", "best") if checkpoint_exists(Path(run_dir) / "checkpoints" / name)]
+    if held:
+        raise ValueError(f"{run_dir} already holds a trained run (checkpoints/{held[0]}): continue it with --resume, "
+                         f"or train into another folder")
+
+
+def _grouped_as(saved: dict[str, Any], schedule: dict[str, Any],
+                optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Optimizer and scheduler states saved with one parameter group, for an optimizer whose uncertainty-weighting
+    log-variances now have a group of their own (without weight decay): the saved group split the same way (the
+    parameters keep their order, model first) and the schedule's per-group values repeated, so that a run saved by
+    an earlier medtriad still resumes. Other states are returned as they are."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != 1 or len(groups) != 2:
+        return saved, schedule
+    group, first = saved["param_groups"][0], len(groups[0]["params"])
+    saved = {**saved, "param_groups": [{**group, "params": group["params"][:first]},
+                                       {**group, "params": group["params"][first:], "weight_decay": 0.0}]}
+    per_group = ("base_lrs", "_last_lr", "lr_lambdas")
+    schedule = {**schedule, **{k: list(schedule[k]) * 2 for k in per_group if len(schedule.get(k) or []) == 1}}
+    return saved, schedule
 
 
 def _finite_mean(values: list[float]) -> float:
