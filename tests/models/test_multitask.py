@@ -129,6 +129,19 @@ def test_anchor_shapes_never_exceed_the_patch_and_follow_the_boxes():
         anchor_shapes_from_boxes(np.zeros((0, 3)), (64, 64, 64))
 
 
+def test_anchors_of_small_lesions_keep_a_width_at_every_level():
+    """Boxes of 2-4 voxels give base shapes under 1 voxel at the finest level; MONAI rounds half-extents to whole
+    voxels, so they are floored where its anchors keep a width (a zero-width anchor matches no box, and its box
+    encoding divides by zero)."""
+    from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+
+    sizes = np.random.default_rng(0).uniform(2, 4, size=(30, 3))
+    shapes = anchor_shapes_from_boxes(sizes, (32, 32, 32), strides=(4, 8, 16))
+    for scale in (1, 2, 4):  # the three pyramid levels
+        anchors = AnchorGeneratorWithAnchorShape.generate_anchors_using_shape(torch.tensor(shapes) * scale)
+        assert (anchors[:, 3:] - anchors[:, :3]).min() >= 2, (scale, anchors)
+
+
 def test_classification_dropout_acts_in_training_only():
     torch.manual_seed(0)
     model = MultiTaskModel(spec(["classification"], classification_dropout=0.5))

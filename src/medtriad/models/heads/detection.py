@@ -75,7 +75,9 @@ def anchor_shapes_from_boxes(box_sizes: np.ndarray, patch_size: Sequence[int], n
     Box sizes (in voxels of the training grid) are clipped to the patch, clustered by k-means on their log-sizes into
     ``num_anchors`` shapes, and divided by the coarsest to finest stride ratio (4 for the default strides 4, 8, 16)
     so that the coarsest level's anchors are the cluster centres and finer levels hold smaller versions (halved and
-    quartered by default, for small lesions). No anchor exceeds the patch.
+    quartered by default, for small lesions). No anchor exceeds the patch. Shapes are floored at 1.01 voxels: MONAI's
+    anchor generator rounds half-extents to whole voxels (``torch.round``, half to even), which makes a shape of 1
+    (or less) an anchor of zero width that no box can match, and one between 1 and 3 an anchor 2 voxels wide.
 
     Args:
         box_sizes: (N, 3) box edge lengths in voxels.
@@ -96,7 +98,7 @@ def anchor_shapes_from_boxes(box_sizes: np.ndarray, patch_size: Sequence[int], n
     while len(shapes) < num_anchors:  # fewer distinct boxes than anchors: add scaled copies
         shapes = np.concatenate([shapes, shapes[-1:] * 0.75])
     shapes = np.minimum(shapes, patch) / (max(strides) / min(strides))
-    return np.round(np.maximum(shapes, 1.0), 2).tolist()
+    return np.round(np.maximum(shapes, 1.01), 2).tolist()
 
 
 class DetectionHead(nn.Module):
