@@ -117,7 +117,8 @@ def test_strong_intensity_augmentation_keeps_masks_and_background():
     """``data.intensity_augmentation: strong`` in the training transforms: the patch's masks are those of the light
     profile with the same seed (intensity never moves a voxel), the three identical channels come out different in
     most patches (the light profile scales them together: never), and the background and a zero-filled (missing)
-    channel stay zero, noise and shift included, as at inference."""
+    channel stay zero, noise and shift included, as at inference (the light profile keeps the missing channel at zero
+    too, and moves the background)."""
     torch.manual_seed(0)
     regions = torch.zeros((1, 24, 24, 24), dtype=torch.float32)
     regions[0, 6:15, 8:15, 10:15] = 1
@@ -149,6 +150,7 @@ def test_strong_intensity_augmentation_keeps_masks_and_background():
         moved += float(l["image"][:3, background].abs().max()) > 0
         assert float(s["image"][3].abs().max()) == 0.0
         assert float(s["image"][:3, background].abs().max()) == 0.0
+        assert float(l["image"][3].abs().max()) == 0.0  # light too leaves a missing channel at zero
     assert moved >= 10
 
     def differ(d: dict) -> bool:  # channels 0 and 1 scaled apart (noise alone moves the ratio by about 0.002)

@@ -294,12 +294,20 @@ class PerChannel(RandomizableTransform, MapTransform):
 
 class RecordBackground(MapTransform):
     """Store where each channel of ``keys`` is zero (outside the brain after ``nonzero`` z-scoring, or a missing
-    channel), under ``KEY_background``, for :class:`RestoreBackground`."""
+    channel), under ``KEY_background``, for :class:`RestoreBackground`. With ``empty_channels_only``, only channels
+    that are zero throughout (a missing channel, zero-filled) are recorded."""
+
+    def __init__(self, keys, empty_channels_only: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.empty_channels_only = empty_channels_only
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[f"{key}_background"] = torch.as_tensor(d[key]) == 0
+            zero = torch.as_tensor(d[key]) == 0
+            if self.empty_channels_only:
+                zero = zero.flatten(1).all(1).view(-1, *[1] * (zero.ndim - 1)).expand_as(zero)
+            d[f"{key}_background"] = zero
         return d
 
 
@@ -319,17 +327,18 @@ def intensity_transforms(kind: str = "light") -> list:
     """The intensity augmentation of training patches (key ``image``, z-scored channels), in MONAI's transforms.
 
     ``light``: one random scale (x0.85-1.15) and one random shift (+-0.15) for all channels, each p = 0.5, and
-    Gaussian noise (p = 0.15, std up to 0.05). ``strong``: nnU-Net-like, each channel drawn on its own, before
-    ``light``'s three: brightness (x0.75-1.25) and contrast about the mean (x0.75-1.25, range kept), each p = 0.15 per
-    patch with one factor per channel; low resolution (p = 0.25 per patch, then 0.5 per channel: down to 0.5-1 of the
-    size, nearest, and back up, trilinear); inverted gamma (p = 0.1) and gamma (p = 0.3), 0.7-1.5 drawn uniformly per
-    channel, each channel's mean and std kept at that step; Gaussian blur (p = 0.2 per patch, then 0.5 per channel,
-    sigma 0.5-1 voxel per axis); then a smooth multiplicative bias field (MONAI's, degree 3, coefficients in +-0.1,
-    one field for all channels, p = 0.2: a typical voxel x0.9-1.1, a patch's extremes about x0.67 and x1.47), which
-    nnU-Net does not have; on z-scored values it rescales about zero, where a scanner's field would also shift them.
-    At the end the voxels that were zero (outside the brain, or a missing channel) are set back to zero, as nnU-Net
-    does: zero is taken for background (the config refuses ``strong`` with ``data.normalization: none``).
-    nnU-Net's gamma draws below and above 1 equally often.
+    Gaussian noise (p = 0.15, std up to 0.05); a channel that is zero throughout the patch (a missing contrast,
+    zero-filled) is set back to zero, as the model sees it at inference. ``strong``: nnU-Net-like, each channel
+    drawn on its own, before ``light``'s three: brightness (x0.75-1.25) and contrast about the mean (x0.75-1.25,
+    range kept), each p = 0.15 per patch with one factor per channel; low resolution (p = 0.25 per patch, then 0.5
+    per channel: down to 0.5-1 of the size, nearest, and back up, trilinear); inverted gamma (p = 0.1) and gamma
+    (p = 0.3), 0.7-1.5 drawn uniformly per channel, each channel's mean and std kept at that step; Gaussian blur
+    (p = 0.2 per patch, then 0.5 per channel, sigma 0.5-1 voxel per axis); then a smooth multiplicative bias field
+    (MONAI's, degree 3, coefficients in +-0.1, one field for all channels, p = 0.2: a typical voxel x0.9-1.1, a
+    patch's extremes about x0.67 and x1.47), which nnU-Net does not have; on z-scored values it rescales about zero,
+    where a scanner's field would also shift them. At the end the voxels that were zero (outside the brain, or a
+    missing channel) are set back to zero, as nnU-Net does: zero is taken for background (the config refuses
+    ``strong`` with ``data.normalization: none``). nnU-Net's gamma draws below and above 1 equally often.
     """
     if kind not in INTENSITY_AUGMENTATIONS:
         raise ValueError(f"intensity augmentation must be one of {INTENSITY_AUGMENTATIONS}, got {kind!r}")
@@ -338,8 +347,8 @@ def intensity_transforms(kind: str = "light") -> list:
         RandShiftIntensityd("image", offsets=0.15, prob=0.5),
         RandGaussianNoised("image", prob=0.15, std=0.05),
     ]
-    if kind == "light":
-        return light
+    if kind == "light":  # a missing channel stays exactly zero, as at inference
+        return [RecordBackground("image", empty_channels_only=True), *light, RestoreBackground("image")]
     return [
         RecordBackground("image"),
         RandScaleIntensityd("image", factors=0.25, prob=0.15, channel_wise=True),
