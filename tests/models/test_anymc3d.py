@@ -109,6 +109,14 @@ def test_channel_maps():
     assert volume_to_slices(mr, 1, (0, 2, 3), slice_size=12).shape == (2 * 7, 3, 12, 12)
     with pytest.raises(ValueError, match="repeat"):
         volume_to_slices(mr, 1, "repeat")
+    # an encoder whose channel map cannot fit its inputs is refused when built, not at its first forward pass
+    with pytest.raises(ValueError, match="2 input channels needs encoder_kwargs.channel_map"):
+        Slice2DEncoder(2, vit=TINY, slice_size=16)
+    with pytest.raises(ValueError, match=r"3 channel indices < 4, got \[0, 1, 4\]"):
+        Slice2DEncoder(4, vit=TINY, slice_size=16, channel_map=[0, 1, 4])
+    with pytest.raises(ValueError, match="'ct_windows' needs one channel, got 4"):
+        Slice2DEncoder(4, vit=TINY, slice_size=16, channel_map="ct_windows")
+    assert Slice2DEncoder(2, vit=TINY, slice_size=16, channel_map=[0, 1, 1]).channel_map == [0, 1, 1]
 
 
 def test_encoder_feeds_the_classification_head():

@@ -336,6 +336,20 @@ def _rescale(x: Tensor, low: Tensor | float, high: Tensor | float) -> Tensor:
     return ((x - low) / span).clamp(0, 1)
 
 
+def check_channel_map(channel_map: str | Sequence[int], channels: int) -> None:
+    """Refuse a ``channel_map`` (see :func:`volume_to_slices`) that does not fit volumes of ``channels`` channels."""
+    if channel_map in ("ct_windows", "repeat"):
+        if channels != 1:
+            hint = ("" if channel_map == "ct_windows" else
+                    "; pass three channel indices, e.g. (0, 2, 3) for BraTS FLAIR, T1ce, T2")
+            raise ValueError(f"channel_map {channel_map!r} needs one channel, got {channels}{hint}")
+        return
+    picks = list(channel_map)
+    if len(picks) != 3 or not all(isinstance(c, int) and 0 <= c < channels for c in picks):
+        raise ValueError(f"channel_map must be 'repeat', 'ct_windows' or 3 channel indices < {channels}, "
+                         f"got {channel_map!r}")
+
+
 def volume_to_slices(x: Tensor, axis: int, channel_map: str | Sequence[int] = "repeat",
                      slice_size: int | None = 224, indices: Tensor | None = None) -> Tensor:
     """Cut volumes into RGB slices ready for an ImageNet-pretrained ViT.
@@ -354,22 +368,11 @@ def volume_to_slices(x: Tensor, axis: int, channel_map: str | Sequence[int] = "r
     if x.ndim != 5 or axis not in (0, 1, 2):
         raise ValueError(f"expected volumes (B, C, X, Y, Z) and axis 0/1/2, got {tuple(x.shape)}, axis={axis}")
     x = x.float()
+    check_channel_map(channel_map, x.shape[1])
     if channel_map == "ct_windows":
-        if x.shape[1] != 1:
-            raise ValueError(f"channel_map 'ct_windows' needs one HU channel, got {x.shape[1]} channels")
         rgb = torch.cat([_rescale(x, lo, hi) for lo, hi in CT_WINDOWS], dim=1)
     else:
-        if channel_map == "repeat":
-            if x.shape[1] != 1:
-                raise ValueError(f"channel_map 'repeat' needs one channel, got {x.shape[1]}; pass three channel "
-                                 "indices, e.g. (0, 2, 3) for BraTS FLAIR, T1ce, T2")
-            chosen = x.expand(-1, 3, -1, -1, -1)
-        else:
-            picks = list(channel_map)
-            if len(picks) != 3 or not all(0 <= c < x.shape[1] for c in picks):
-                raise ValueError(f"channel_map must be 'repeat', 'ct_windows' or 3 channel indices < {x.shape[1]}, "
-                                 f"got {channel_map!r}")
-            chosen = x[:, picks]
+        chosen = x.expand(-1, 3, -1, -1, -1) if channel_map == "repeat" else x[:, list(channel_map)]
         flat = chosen.flatten(2)
         step = max(1, flat.shape[-1] // 100_000)  # quantile on a strided sample: exact enough, and fast
         bounds = torch.quantile(flat[..., ::step], torch.tensor([0.005, 0.995], device=x.device), dim=-1)
@@ -414,7 +417,11 @@ class Slice2DEncoder(Encoder):
         if slice_size is not None and slice_size % config.patch_size:
             raise ValueError(f"slice_size {slice_size} must be a multiple of the patch size {config.patch_size}")
         self.in_channels = in_channels
+        if channel_map is None and in_channels == 2:
+            raise ValueError("slice2d on 2 input channels needs encoder_kwargs.channel_map: the three channel indices "
+                             "its RGB slices are made of, e.g. [0, 1, 1]")
         self.channel_map = channel_map if channel_map is not None else "repeat" if in_channels == 1 else (0, 1, 2)
+        check_channel_map(self.channel_map, in_channels)  # here, not at the first forward pass
         self.axis, self.slice_size, self.max_slices, self.chunk = axis, slice_size, max_slices, chunk
         self.feature_info = [FeatureInfo(config.hidden_size, config.patch_size)]
         self.size_divisible = 1 if slice_size is not None else config.patch_size
