@@ -1,6 +1,7 @@
 """Distributed training with PyTorch's own engine: torchrun, 2 CPU processes, Gloo."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,14 @@ from medtriad.training.trainer import Trainer
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(*args: str) -> None:
+def torchrun(*args: str, timeout: int = 600, ok: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
                *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    if ok:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def test_two_process_training_resume_and_gathered_metrics(synth_dataset, tmp_path):
@@ -71,6 +74,21 @@ def test_gradnorm_weights_agree_across_ranks(synth_dataset, tmp_path):
     assert not torch.allclose(weights, torch.ones_like(weights))  # they moved
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_failed_write_on_rank_0_stops_every_rank(synth_dataset, tmp_path):
+    """Rank 0 alone writes the checkpoints. When that fails (here a full disk), the other rank stops too with an error
+    of the same kind naming rank 0's, which the command line reports in one line, instead of waiting at the next
+    collective (across nodes, for the process group's 30-minute timeout)."""
+    run, out = tmp_path / "run", tmp_path / "weights"
+    out.mkdir()
+    result = torchrun(synth_dataset, run, out, "fresh", "uncertainty", "fail-save", timeout=300, ok=False)
+    assert result.returncode != 0
+    # each rank's uncaught error, its lines prefixed "[rankN]: " by torch.distributed's exception hook
+    assert re.search(r"(?m)^(\[rank0\]: )?OSError: No space left on device \(test\)$", result.stderr)
+    rank1 = r"(?m)^(\[rank1\]: )?OSError: rank 0 stopped the run: OSError: No space left on device \(test\)$"
+    assert re.search(rank1, result.stderr)
+    assert not (run / "checkpoints" / "last").exists() and not list(out.iterdir())  # neither rank went on
 
 
 def test_a_head_without_targets_still_gets_gradients(synth_dataset, tmp_path):

@@ -9,11 +9,13 @@ DistributedDataParallel averages gradients, ``all_gather_object`` collects valid
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -73,6 +75,31 @@ def broadcast_module(module: torch.nn.Module, world: int, src: int = 0) -> None:
             dist.broadcast(tensor.data, src=src)
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+_KINDS = {"ValueError": ValueError, "OSError": OSError}  # errors the command line reports in one line
+
+
+def on_rank0(action: Callable[[], T], rank: int, world: int) -> T:
+    """Rank 0 alone runs ``action`` (checks, file writes); every rank gets its result. An error on rank 0 stops every
+    rank: rank 0 raises it, the others one of the same kind (ValueError, OSError, else RuntimeError) that names it,
+    so that every rank's command line reports it alike. (Other ranks would otherwise wait at their next collective:
+    on one node until torchrun stops them, across nodes until the process group's timeout, 30 minutes by default.)
+    Also a barrier: no rank goes on before rank 0 is done."""
+    if world == 1:
+        return action()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = action()
+        except Exception as caught:  # any error: the other ranks must hear of it
+            error = caught
+    failure = None
+    if error is not None:
+        kind = next((name for name, k in _KINDS.items() if isinstance(error, k)), "RuntimeError")
+        failure = (kind, f"rank 0 stopped the run: {type(error).__name__}: {error}")
+    failure, result = broadcast((failure, result), world)
+    if error is not None:
+        raise error
+    if failure is not None:
+        kind, message = failure
+        raise _KINDS.get(kind, RuntimeError)(message)
+    return result

@@ -68,8 +68,8 @@ from medtriad.models.memory_format import channels_last_for_training
 from medtriad.models.multitask import ModelSpec, build_model, check_input_size, load_model_weights, model_weights
 from medtriad.precision import autocast, autocast_dtype
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss, loss_head
-from medtriad.training.distributed import (average_gradients, barrier, broadcast, broadcast_module, gather,
-                                          init_distributed)
+from medtriad.training.distributed import (average_gradients, broadcast, broadcast_module, gather,
+                                          init_distributed, on_rank0)
 from medtriad.training.plots import plot_progress
 
 
@@ -141,7 +141,7 @@ class Trainer:
         """Checks the dataset, loads and splits it, builds the model, losses, optimizer and schedule (``fit`` calls it;
         tools that draw batches or losses outside ``fit`` call it first)."""
         cfg = self.config
-        problems = broadcast(check_dataset(self.dataset, progress=self.progress) if self.main else None, self.world)
+        problems = on_rank0(lambda: check_dataset(self.dataset, progress=self.progress), self.rank, self.world)
         if problems:
             raise DatasetInvalidError(f"dataset {self.dataset} is not valid:\n{format_problems(problems)}")
         spec, cases = load_dataset(self.dataset)
@@ -251,8 +251,7 @@ class Trainer:
         kwargs = self.model_spec.encoder_kwargs
         if kwargs.get("weights") is not None:
             return
-        if self.main:
-            save_hf_vit(self.model.encoder.vit, self.run_dir / "backbone")
+        on_rank0(lambda: save_hf_vit(self.model.encoder.vit, self.run_dir / "backbone"), self.rank, self.world)
         kwargs.pop("vit", None)
         kwargs["weights"] = "backbone"
 
@@ -427,6 +426,29 @@ class Trainer:
         if name == "best" and isinstance(self.model, PluginModel):
             self._export_plugins()
 
+    def _write_run_files(self) -> None:
+        """A new run's config, model description and split, before its first step."""
+        self.config.save(self.run_dir / "config.yaml")
+        self.model_spec.save(self.run_dir / "model.json")
+        write_json(self.run_dir / "split.json", self.split)
+
+    def _write_epoch(self, history: list, best: float, improved: bool) -> None:
+        """An epoch's checkpoints, history, plot and log line (``history[-1]`` is the epoch's record)."""
+        record = history[-1]
+        epoch, step, elapsed = record["epoch"], record["step"], record["elapsed_s"]
+        # best first: a crash between the two writes leaves a best no older than last's record of it
+        # (and --resume takes the higher of the two recorded best scores)
+        if improved or not checkpoint_exists(self.run_dir / "checkpoints" / "best"):
+            self._save("best", epoch, step, elapsed, history, best)
+        self._save("last", epoch, step, elapsed, history, best)
+        write_json(self.run_dir / "history.json", history)
+        plot_progress(history, self.run_dir / "progress.png")
+        line = _epoch_line(record)
+        with open(self.run_dir / "train.log", "a") as log:
+            log.write(line + "\n")
+        if self.progress:
+            tqdm.write(line)
+
     def _export_plugins(self) -> None:
         """Each task's plugin alone in ``RUN/plugins/<task>.safetensors`` (a few MB, loadable onto any copy of the
         backbone beside other tasks' plugins; see medtriad.inference.predictor.Predictor.from_plugins)."""
@@ -522,15 +544,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
         if not resume:  # rank 0 looks (another node may see the folder differently); every rank stops alike
-            refusal = None
-            if self.main:
-                try:
-                    refuse_trained_run(self.run_dir)
-                except ValueError as error:
-                    refusal = str(error)
-            refusal = broadcast(refusal, self.world)
-            if refusal:
-                raise ValueError(refusal)
+            on_rank0(lambda: refuse_trained_run(self.run_dir), self.rank, self.world)
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -544,10 +558,8 @@ class Trainer:
             state = self._restore()
             start_epoch, step, elapsed = state["epoch"] + 1, state["step"], state["elapsed_s"]
             history, best = state["history"], max(state["best_score"], self._best_recorded())
-        elif self.main:
-            cfg.save(self.run_dir / "config.yaml")
-            self.model_spec.save(self.run_dir / "model.json")
-            write_json(self.run_dir / "split.json", self.split)
+        else:
+            on_rank0(self._write_run_files, self.rank, self.world)
         summary: dict[str, Any] = history[-1]["validation"] if history else {}
         self._t0 = time.monotonic() - elapsed
 
@@ -634,20 +646,7 @@ class Trainer:
             if improved:
                 best = score
             # every rank took the same decisions from the same gathered metrics; rank 0 alone writes
-            if self.main:
-                # best first: a crash between the two writes leaves a best no older than last's record of it
-                # (and --resume takes the higher of the two recorded best scores)
-                if improved or not checkpoint_exists(self.run_dir / "checkpoints" / "best"):
-                    self._save("best", epoch, step, elapsed, history, best)
-                self._save("last", epoch, step, elapsed, history, best)
-                write_json(self.run_dir / "history.json", history)
-                plot_progress(history, self.run_dir / "progress.png")
-                line = _epoch_line(record)
-                with open(self.run_dir / "train.log", "a") as log:
-                    log.write(line + "\n")
-                if self.progress:
-                    tqdm.write(line)
-            barrier(self.world)
+            on_rank0(lambda: self._write_epoch(history, best, improved), self.rank, self.world)
             if last_epoch:
                 break
         return TrainResult(self.run_dir, best, epoch + 1, summary)
