@@ -155,6 +155,21 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> tuple[np.
     return data, affine
 
 
+AFFINE_ATOL = 1e-3  # mm: affines closer than this on every entry are the same grid
+
+
+def grid_difference(shape: tuple[int, ...], affine: np.ndarray, reference: tuple[Path, tuple[int, ...], np.ndarray]
+                    ) -> str | None:
+    """How a file's grid (shape, affine) differs from ``reference`` (another file of the case: path, shape, affine),
+    or None when they are the same grid: the words of the CaseFileError or check problem that reports it."""
+    ref_path, ref_shape, ref_affine = reference
+    if tuple(shape) != tuple(ref_shape):
+        return f"shape {tuple(shape)} differs from {tuple(ref_shape)} of {Path(ref_path).name}"
+    if not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
+        return f"affine {affine.round(4).tolist()} differs from {ref_affine.round(4).tolist()} of {Path(ref_path).name}"
+    return None
+
+
 def save_nifti(
     path: str | os.PathLike,
     array: np.ndarray,

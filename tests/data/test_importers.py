@@ -139,6 +139,24 @@ def test_missing_or_corrupt_source_file_names_case_and_file(tmp_path):
     assert info.value.case_id == "BraTS2021_00002" and info.value.path == t1
 
 
+def test_a_file_on_another_grid_is_refused_with_case_and_file(tmp_path):
+    """A channel of another shape, or a label with another affine, stops the import naming the case and file (the
+    boxes, read off the label, would not fit the images), as `check` and training would refuse the case."""
+    src = write_brats2021_tree(tmp_path / "src")
+    t2 = src / "BraTS2021_00002" / "BraTS2021_00002_t2.nii.gz"
+    write_volume(t2, np.zeros((8, 9, 11), np.float32))
+    message = r"shape \(8, 9, 11\) differs from \(8, 9, 10\) of BraTS2021_00002_flair"
+    with pytest.raises(CaseFileError, match=message) as info:
+        import_brats(src, tmp_path / "out1", progress=False)
+    assert info.value.case_id == "BraTS2021_00002" and info.value.path == t2
+    write_volume(t2, np.zeros((8, 9, 10), np.float32))
+    seg = src / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(seg).dataobj), np.diag([-1.0, -1.0, 1.5, 1.0])), seg)
+    with pytest.raises(CaseFileError, match="affine .* differs from .* of BraTS2021_00001_flair") as info:
+        import_brats(src, tmp_path / "out2", progress=False)
+    assert info.value.case_id == "BraTS2021_00001" and info.value.path == seg
+
+
 def test_unexpected_label_values_rejected(tmp_path):
     src = write_brats2021_tree(tmp_path / "src")
     seg_path = src / "BraTS-GLI-00003-000" / "BraTS-GLI-00003-000-seg.nii.gz"

@@ -1,9 +1,13 @@
-"""Training augmentation: which transforms may change an object's size."""
+"""Training augmentation: which transforms may change an object's size; resampling of the targets."""
 
+import numpy as np
 import pytest
 import torch
 
-from medtriad.data.transforms import PlainCompose, intensity_transforms, training_transforms
+from medtriad.data.boxes import boxes_from_instances
+from medtriad.data.layout import DatasetSpec, load_dataset
+from medtriad.data.transforms import PlainCompose, intensity_transforms, load_sample, training_transforms
+from medtriad.io import save_nifti
 
 
 def _augmented(zoom_prob: float, n: int = 24, rotation_planes=None) -> list[torch.Tensor]:
@@ -160,3 +164,27 @@ def test_strong_intensity_augmentation_keeps_masks_and_background():
     assert not any(map(differ, light))
     with pytest.raises(ValueError, match="light"):
         training_transforms((16, 16, 16), 1.0, 0.0, intensity="heavy")
+
+
+@pytest.mark.parametrize("affine", [np.eye(4), np.diag([-1.0, -1.0, 1.0, 1.0])], ids=["RAS", "LPS"])
+def test_instances_resample_onto_the_regions_voxels(tmp_path, affine):
+    """At 1 mm -> 3 mm the lesion instances (the detection boxes' source) land on the same model voxels as the
+    region masks, whatever the lesion's offset on the input grid: both take the input voxel under each output voxel's
+    centre. (Taking the first input voxel an output voxel covers shifted them by one output voxel at some offsets.)"""
+    spec = DatasetSpec(root=tmp_path, name="Grid", channel_names={0: "T1"}, labels={"background": 0, "tumour": 1},
+                       regions={"WT": (1,)}, tasks={}, detection_region="WT", min_box_volume_mm3=0.0)
+    spec.save()
+    shape = (30, 30, 30)
+    for offset in range(3):
+        label = np.zeros(shape, np.uint8)
+        label[6 + offset:18 + offset, 9 + offset:15 + offset, 3:21 + offset] = 1  # offsets on every axis
+        label[24:27, 24:26, 24 + offset:29] = 1  # a second, small lesion
+        save_nifti(spec.image_file(f"case{offset}", 0), np.ones(shape, np.float32), affine)
+        save_nifti(spec.label_file(f"case{offset}"), label, affine)
+    _, cases = load_dataset(tmp_path)
+    assert len(cases) == 3
+    for case in cases:
+        sample = load_sample(case, spec, (3.0, 3.0, 3.0))
+        assert sample.instances.shape == sample.regions.shape[1:] == (10, 10, 10)
+        assert torch.equal(sample.instances > 0, sample.regions[0] > 0), case.case_id
+        assert len(boxes_from_instances(sample.instances)) == 2

@@ -14,11 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from medtriad.data.layout import Case, DatasetSpec, load_dataset
-from medtriad.io import CaseFileError, load_nifti
+from medtriad.io import CaseFileError, grid_difference, load_nifti
 
 __all__ = ["Problem", "check_dataset", "format_problems"]
-
-AFFINE_ATOL = 1e-3
 
 
 @dataclass
@@ -55,13 +53,8 @@ def _check_case(spec: DatasetSpec, case: Case) -> list[Problem]:
             continue
         if reference is None:
             reference = (path, data.shape, affine)
-        elif data.shape != reference[1]:
-            message = f"shape {data.shape} differs from {reference[1]} of {reference[0].name}"
-            problems.append(Problem(cid, path, message))
-        elif not np.allclose(affine, reference[2], atol=AFFINE_ATOL):
-            first = reference[2].round(4).tolist()
-            message = f"affine {affine.round(4).tolist()} differs from {first} of {reference[0].name}"
-            problems.append(Problem(cid, path, message))
+        elif (difference := grid_difference(data.shape, affine, reference)) is not None:
+            problems.append(Problem(cid, path, difference))
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             problems.append(Problem(cid, path, f"{int((~np.isfinite(data)).sum())} non-finite values (NaN/inf)"))
         if is_label:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medtriad.data.boxes import boxes_from_mask
 from medtriad.data.layout import ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv
-from medtriad.io import CaseFileError, atomic_copy, load_nifti, save_nifti
+from medtriad.io import CaseFileError, atomic_copy, grid_difference, load_nifti, save_nifti
 
 __all__ = ["import_brats"]
 
@@ -139,6 +139,16 @@ def _read_label(path: Path, case_id: str, style: str) -> tuple[np.ndarray, np.nd
     return label.astype(np.uint8), affine
 
 
+def _same_grid(case_id: str, path: Path, shape: tuple[int, ...], affine: np.ndarray,
+               grid: tuple[Path, tuple[int, ...], np.ndarray] | None) -> tuple[Path, tuple[int, ...], np.ndarray]:
+    """The case's grid (the first file's), after refusing a file on another grid, as `check` and training would."""
+    if grid is None:
+        return path, shape, affine
+    if (difference := grid_difference(shape, affine, grid)) is not None:
+        raise CaseFileError(case_id, path, difference)
+    return grid
+
+
 def import_brats(
     src: str | os.PathLike, out: str | os.PathLike, min_box_volume_mm3: float = 100.0, progress: bool = True
 ) -> Path:
@@ -151,7 +161,8 @@ def import_brats(
     resection cavity, is refused), no classification task. Files are .nii.gz or unpacked .nii.
     Channels: 0 FLAIR, 1 T1, 2 T1ce, 3 T2. A case without seg file gets no label and no boxes.
     ``out`` must be empty, absent, or an earlier import of the same dataset (files are overwritten).
-    Raises CaseFileError naming case and file for missing or unreadable source files.
+    Raises CaseFileError naming case and file for missing or unreadable source files, and for a channel or label
+    file whose shape or affine differs from the case's first channel.
     Returns ``out`` as a Path.
     """
     src, out = Path(src), Path(out)
@@ -163,17 +174,20 @@ def import_brats(
     spec.save()  # first, so an interrupted import can be resumed into the same folder
     boxes, classes = {}, {}
     for case in tqdm(cases, desc=f"import {spec.name}", unit="case", disable=not progress):
+        grid = None  # the first channel's (path, shape, affine): every channel and the label must share it
         for channel, names in _MODALITIES.items():
             path = _modality_file(case, names)
             if path is None:
                 expected = case.folder / f"{case.case_id}_{names[0]}.nii.gz"
                 raise CaseFileError(case.case_id, expected, f"missing {CHANNEL_NAMES[channel]} file (also looked "
                                                             f"for {case.case_id}-{names[1]}.nii.gz and .nii files)")
-            load_nifti(path, case.case_id)  # reads everything: corrupt or truncated files fail here
+            data, affine = load_nifti(path, case.case_id)  # reads everything: corrupt or truncated files fail here
+            grid = _same_grid(case.case_id, path, data.shape, affine, grid)
             atomic_copy(path, spec.image_file(case.case_id, channel), compress=path.suffix == ".nii")
         seg = _modality_file(case, ("seg",))
         if seg is not None:
             label, affine = _read_label(seg, case.case_id, style)
+            _same_grid(case.case_id, seg, label.shape, affine, grid)  # else its boxes would not fit the images
             save_nifti(spec.label_file(case.case_id), label, affine, nib.load(seg).header)
             wt = np.isin(label, spec.regions[spec.detection_region])
             boxes[case.case_id] = boxes_from_mask(wt, affine, min_box_volume_mm3)

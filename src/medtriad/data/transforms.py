@@ -46,7 +46,7 @@ from monai.utils import MAX_SEED
 from medtriad.config import INTENSITY_AUGMENTATIONS
 from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask
 from medtriad.data.layout import Case, DatasetSpec
-from medtriad.io import CaseFileError, load_nifti
+from medtriad.io import CaseFileError, grid_difference, load_nifti
 
 
 @dataclass
@@ -101,9 +101,11 @@ def make_geometry(affine: np.ndarray, shape: Sequence[int], spacing: Sequence[fl
 
 def resample(array: np.ndarray | torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
     """(C, X, Y, Z) -> (C, *size) by ``F.interpolate`` in ``mode``: ``trilinear`` (align_corners=False, the grid
-    convention of :func:`make_geometry`) for images and region masks, ``nearest`` for instance maps (output voxel j
-    takes input voxel floor(j * scale): at BraTS's 1 mm -> 2 mm, the first of the two input voxels it covers, where
-    ``nearest-exact`` would take the second; both lie inside the output voxel)."""
+    convention of :func:`make_geometry`) for images and region masks, ``nearest-exact`` for instance maps (output
+    voxel j takes input voxel floor((j + 0.5) * scale), the one under its centre: at an odd integer scale the same
+    voxels as the thresholded trilinear regions, and never more than half an input voxel off that centre at any
+    scale, where PyTorch's ``nearest``, floor(j * scale), lies (scale - 1) / 2 input voxels before it: a shift of
+    the boxes that grows with the scale)."""
     t = torch.as_tensor(array)
     dtype = t.dtype
     out = F.interpolate(t[None].float(), size=tuple(size), mode=mode,
@@ -184,10 +186,8 @@ def read_channels(files: Mapping[int, Path | None], case_id: str) -> tuple[list[
             raise CaseFileError(case_id, path, "image holds NaN or infinite values")
         if reference is None:
             reference = (path, data.shape, affine)
-        elif data.shape != reference[1]:
-            raise CaseFileError(case_id, path, f"shape {data.shape} differs from {reference[1]} of {reference[0].name}")
-        elif not np.allclose(affine, reference[2], atol=1e-3):
-            raise CaseFileError(case_id, path, f"affine differs from that of {reference[0].name}")
+        elif (difference := grid_difference(data.shape, affine, reference)) is not None:
+            raise CaseFileError(case_id, path, difference)
         arrays.append(data.astype(np.float32, copy=False))
     if reference is None:
         raise CaseFileError(case_id, "(no channel file)", "no image channel present")
@@ -210,11 +210,9 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     instances = None  # lesion instances on the input grid, from the label map
     if case.label_file is not None:
         label, label_affine = load_nifti(case.label_file, case.case_id)
-        if label.shape != geometry.shape:
-            raise CaseFileError(case.case_id, case.label_file,
-                                f"label shape {label.shape} differs from image shape {geometry.shape}")
-        if not np.allclose(label_affine, affine, atol=1e-3):
-            raise CaseFileError(case.case_id, case.label_file, "label affine differs from the image affine")
+        first = next(case.image_files[c] for c in sorted(case.image_files) if case.image_files[c] is not None)
+        if (difference := grid_difference(label.shape, label_affine, (first, geometry.shape, affine))) is not None:
+            raise CaseFileError(case.case_id, case.label_file, difference)
         if not np.isfinite(label).all():  # (evaluate reads labels without `check` first)
             raise CaseFileError(case.case_id, case.label_file, "label holds NaN or infinite values")
         rounded = np.rint(label)
@@ -233,12 +231,14 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
         if spec.detection_region:
             region = np.isin(label, list(spec.regions[spec.detection_region]))
             instances = instances_from_mask(region, affine, spec.min_box_volume_mm3)
-            sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape, "nearest")[0]
+            sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape,
+                                        "nearest-exact")[0]
     if case.boxes is not None:
         sample.boxes = np.array([b.voxel for b in case.boxes], dtype=np.float32).reshape(-1, 6)
         if sample.instances is None:
             instances = instances_from_boxes(geometry.shape, sample.boxes)
-            sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape, "nearest")[0]
+            sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape,
+                                        "nearest-exact")[0]
     elif instances is not None:  # no boxes file: the boxes of the same components (as boxes_from_mask gives them)
         sample.boxes = boxes_from_instances(instances)
     return sample
