@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True, nargs="+", help="run folder or checkpoint folder; several: "
                    "their predictions are averaged (an ensemble)")
     p.add_argument("-i", "--input", required=True, nargs="+",
-                   help="dataset folder, folder of BraTS case folders, or the channel files of one case")
+                   help="dataset folder (imagesTs/, else imagesTr/), images folder (CASE_0000.nii.gz ...), folder "
+                   "of BraTS case folders, or the channel files of one case")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--device", default=None)
     p.add_argument("--num-parts", type=int, default=1, help="shard the cases over N processes or machines")

@@ -196,12 +196,15 @@ class InferenceConfig:
         roi_size: window in voxels of the target grid; ``None`` = the whole (padded) volume in one window.
         overlap: window overlap fraction.
         score_threshold: detection boxes below this score are dropped.
-        nms_threshold: IoU above which overlapping boxes are suppressed (within and across windows).
+        nms_threshold: IoU above which overlapping boxes are suppressed (within and across windows); also the
+            overlap at which a test-time copy's or ensemble member's box counts as its vote for a kept box.
         max_detections: boxes kept per case.
         mirror_axes: test-time mirroring (nnU-Net's): every combination of flips along these grid axes is one more
             copy of each window (``[0]``: 2 encoder passes per window, ``[0, 1, 2]``: 8, ``[]``: off); each pass
-            feeds every head: segmentation probabilities are averaged, boxes flipped back and merged by NMS, the
-            classification pooling runs over the tokens of all copies. Validation during training never mirrors (it
+            feeds every head: segmentation probabilities are averaged, boxes flipped back and merged by NMS, each
+            kept box scored by the mean over copies of each copy's best overlapping score (a box one copy of 8 found
+            keeps an eighth of its score; as ensemble members vote), the classification pooling runs over the tokens
+            of all copies. Validation during training never mirrors (it
             only ranks epochs); ``evaluate`` and ``predict`` do. Slice-plugin (slice2d) models do not mirror.
         permute_axes: test-time transposition: every order of these grid axes is one more copy of each window,
             combined with every mirrored copy (``[0, 1, 2]`` with ``mirror_axes: [0, 1, 2]``: all 48 symmetries of

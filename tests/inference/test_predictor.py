@@ -299,7 +299,7 @@ def test_boxes_found_wholly_in_the_padding_are_dropped():
 def test_a_padding_box_suppresses_no_real_box_when_windows_and_copies_are_merged():
     """With several windows or test-time copies, the boxes of all of them compete in one NMS. A box found in the
     padding is dropped before that, so that it cannot suppress a real box it overlaps (the real box used to go, and
-    then the padding box too, leaving nothing)."""
+    then the padding box too, leaving nothing), nor count as a copy's vote."""
     predictor = _blob_model()
     image = torch.from_numpy(_scan((30, 26, 20)))
     div = predictor.model.size_divisible
@@ -321,9 +321,37 @@ def test_a_padding_box_suppresses_no_real_box_when_windows_and_copies_are_merged
     predictor.inference = InferenceConfig(roi_size=None, mirror_axes=(1,))
     out = predictor.predict_grid(image)
     assert len(calls) == 2
-    torch.testing.assert_close(out.scores, torch.tensor([0.6]))
+    torch.testing.assert_close(out.scores, torch.tensor([0.3]))  # found by one copy of two: half its score
     torch.testing.assert_close(out.boxes, torch.tensor([[0.0, 4.0 - lead[1], 4.0 - lead[2], 2.0, 10.0 - lead[1],
                                                          10.0 - lead[2]]]))
+
+
+def test_test_time_copies_vote_on_each_box_score():
+    """With test-time copies, NMS keeps the best box of each lesion and every copy votes on its score: the mean over
+    copies of each copy's best score for a box overlapping it, as ensemble members vote. A box every copy found
+    keeps the copies' mean; a box one copy of two found keeps half its score (the max over copies, used before,
+    gave a false positive of a single copy its full score)."""
+    predictor = _blob_model()
+    image = torch.from_numpy(_scan((32, 32, 32)))
+    calls = []
+
+    class Boxes(torch.nn.Module):
+        def forward(self, features, roi):
+            calls.append(roi)
+            if len(calls) == 1:  # the window as it is: a lesion (0.8) and a false positive (0.6)
+                return [{"boxes": torch.tensor([[4.0, 5, 6, 12, 14, 16], [20, 20, 20, 24, 24, 24]]),
+                         "labels_scores": torch.tensor([0.8, 0.6])}]
+            # the copy mirrored along y finds the lesion (its mirror image, 1 voxel off) at 0.4, and nothing else
+            y = roi[1]
+            return [{"boxes": torch.tensor([[4.0, y - 15, 6, 12, y - 5, 16]]), "labels_scores": torch.tensor([0.4])}]
+
+    predictor.model.heads["detection"] = Boxes()
+    predictor.spec.heads = ["segmentation", "detection"]
+    predictor.inference = InferenceConfig(roi_size=None, mirror_axes=(1,))
+    out = predictor.predict_grid(image)
+    assert len(calls) == 2 and calls[0][1] == 32  # one window, no padding: grid and window coordinates agree
+    torch.testing.assert_close(out.scores, torch.tensor([(0.8 + 0.4) / 2, 0.6 / 2]))
+    torch.testing.assert_close(out.boxes, torch.tensor([[4.0, 5, 6, 12, 14, 16], [20, 20, 20, 24, 24, 24]]))
 
 
 def test_a_checkpoint_folder_copied_out_of_its_run_keeps_its_inference_settings(trained_run, tmp_path):
@@ -417,6 +445,7 @@ def test_mirroring_makes_every_head_flip_equivariant():
         expected = unflip_boxes(reference.boxes, [axis], image.shape[1:])  # flipping is its own inverse
         order, expected_order = torch.argsort(flipped.scores), torch.argsort(reference.scores)
         torch.testing.assert_close(flipped.boxes[order], expected[expected_order], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(flipped.scores[order], reference.scores[expected_order])  # the same copies' vote
         unmirrored = torch.flip(plain.predict_grid(image).region_probs, [axis + 1])
         assert (plain.predict_grid(torch.flip(image, [axis + 1])).region_probs - unmirrored).abs().max() > 1e-3
     for bad in [(3,), (0, 0)]:
@@ -599,11 +628,66 @@ def test_a_rerun_keeps_the_rows_of_skipped_cases_and_one_failing_case_stops_noth
     err = capsys.readouterr().err
     assert ids[1] in err and "CUDA out of memory" in err and "Traceback" not in err
     assert (out / f"{ids[0]}_seg.nii.gz").is_file() and not (out / f"{ids[1]}_seg.nii.gz").exists()
+    assert not list(out.glob(f"{ids[1]}_*"))  # a failed case keeps no outputs (its old boxes and classes went too)
     # the skipped cases' rows kept, the case predicted again gives the same row, the failed case has none
     assert rows() == {case_id: row for case_id, row in first.items() if case_id != ids[1]}
     (out / "predictions.csv").write_bytes(b"case,num_boxes\n\xff\xfe\n")
     with pytest.raises(ValueError, match="predictions.csv: not a predictions table"):
         predict_folder(trained_run, [synth_dataset], out, progress=False)
+
+
+def test_an_interrupted_call_keeps_its_rows_and_a_rerun_reads_the_rest_off_the_files(trained_run, synth_dataset,
+                                                                                      tmp_path, monkeypatch):
+    """The table is rewritten after every case: a call stopped part way (Ctrl-C, a job's time limit) keeps the rows of
+    the cases it did. A rerun skips every case with outputs and gives each one without a row (cut off between its
+    files and its row, or predicted by a shard) the row its files hold: the same row the prediction gave."""
+    out = tmp_path / "out"
+    assert main(["predict", "-m", str(trained_run), "-i", str(synth_dataset), "-o", str(out), "-q"]) == 0
+    with open(out / "predictions.csv", newline="") as f:
+        complete = {row["case"]: row for row in csv.DictReader(f)}
+    ids = sorted(complete)
+    (out / "predictions.csv").unlink()
+    for case_id in ids[3:]:
+        for path in out.glob(f"{case_id}_*"):
+            path.unlink()
+    predict, calls = Predictor.predict, []
+
+    def interrupted(self, images, affine=None, case_id="case"):
+        calls.append(case_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict(self, images, affine, case_id)
+
+    monkeypatch.setattr(Predictor, "predict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict_folder(trained_run, [synth_dataset], out, progress=False)
+    with open(out / "predictions.csv", newline="") as f:
+        kept = {row["case"]: row for row in csv.DictReader(f)}
+    assert sorted(kept) == ids[:5]  # three read off the files, two predicted, then the interruption
+    monkeypatch.setattr(Predictor, "predict", predict)
+    assert predict_folder(trained_run, [synth_dataset], out, progress=False) == []
+    with open(out / "predictions.csv", newline="") as f:
+        assert {row["case"]: row for row in csv.DictReader(f)} == complete
+
+
+def test_missing_channel_files_need_a_model_trained_with_missing_channels(trained_run, synth_dataset, tmp_path):
+    """The synthetic dataset has every channel, so its model refuses a case without its T1 file, naming the case's
+    folder; the same weights marked as trained with missing channels predict it, the channel zero-filled."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    _, cases = load_dataset(data)
+    cases[0].image_files[1].unlink()
+    out = tmp_path / "out"
+    failures = predict_folder(trained_run, [data], out, progress=False)
+    assert [case_id for case_id, _ in failures] == [cases[0].case_id]
+    assert "missing channel(s) ['T1']" in failures[0][1] and "not trained with missing channels" in failures[0][1]
+    assert f"file {data / 'imagesTr'}: " in failures[0][1]  # the folder the file was looked for in
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for spec_file in run.rglob("model.json"):
+        spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "missing_channels": True}))
+    assert predict_folder(run, [data], out, progress=False) == []
+    assert (out / f"{cases[0].case_id}_seg.nii.gz").is_file()
 
 
 def spec_channel_names(data):

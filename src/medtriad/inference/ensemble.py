@@ -2,11 +2,12 @@
 
 Per case the image is read and normalised once; each member predicts on the model grid with its own inference
 settings (windows, mirroring); then region probabilities, class probabilities and heatmaps are averaged (a heatmap
-over the members that make one: slice2d plugin models). Boxes are pooled and merged by NMS, as the windows of one
-model are, and each kept box is scored as the mean over members of that member's best score for a box overlapping it
-by the NMS threshold (0 for a member that found nothing there): a box only one of N members found keeps 1/N of its
-score, so adding members does not add their false positives at full confidence (the fusion idea of weighted box
-fusion, with the winning box's coordinates kept). The first run's settings decide what happens after that (NMS
+over the members that make one: slice2d plugin models). Boxes are pooled and merged by NMS, as the test-time copies
+of one model are (:func:`medtriad.inference.predictor.fuse_box_sets`), and each kept box is scored as the mean over
+members of that member's best score for a box overlapping it by the NMS threshold (0 for a member that found nothing
+there): a box only one of N members found keeps 1/N of its score, so adding members does not add their false
+positives at full confidence (the scoring of weighted box fusion, with the winning box's coordinates kept). The
+first run's settings decide what happens after that (NMS
 threshold and maximum detections, segmentation threshold, detection gate, largest components, score threshold).
 
 Members must agree on what goes in and what comes out: channels, spacing, normalisation, heads, regions, labels and
@@ -15,13 +16,13 @@ tasks. Their encoders and recipes may differ (a ``swin`` run beside a ``resenc``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.data.box_utils import box_iou, non_max_suppression
 
-from medtriad.inference.predictor import GridOutput, Predictor
+from medtriad.inference.predictor import GridOutput, Predictor, fuse_box_sets
 
 # ModelSpec fields every member must share: they fix the input the members read and the meaning of their outputs
 SHARED_SPEC_FIELDS = ("channel_names", "spacing", "normalization", "heads", "regions", "labels", "tasks")
@@ -65,7 +66,9 @@ class EnsemblePredictor(Predictor):
         check_specs_agree([m.spec for m in members], names, SHARED_SPEC_FIELDS, "the members of an ensemble")
         self.members = list(members)
         self.names = names
-        self.device, self.model, self.spec = first.device, first.model, first.spec
+        # a case with missing channels only where every member was trained for them
+        self.spec = dataclasses.replace(first.spec, missing_channels=all(m.spec.missing_channels for m in members))
+        self.device, self.model = first.device, first.model
         self.inference, self.heatmaps = first.inference, first.heatmaps
 
     @classmethod
@@ -100,22 +103,7 @@ class EnsemblePredictor(Predictor):
                            for task in first.class_probs}
         for task in dict.fromkeys(t for o in outputs for t in o.heatmaps):
             out.heatmaps[task] = torch.stack([o.heatmaps[task] for o in outputs if task in o.heatmaps]).mean(0)
-        out.boxes, out.scores = self._merge_boxes(outputs)
+        # pooled by NMS, each kept box scored by the members' mean best overlapping score (see the module doc)
+        out.boxes, out.scores = fuse_box_sets([(o.boxes, o.scores) for o in outputs], self.inference.nms_threshold,
+                                              self.inference.max_detections)
         return out
-
-    def _merge_boxes(self, outputs: list[GridOutput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled boxes -> NMS winners, each scored by the members' mean best overlapping score (see module doc)."""
-        boxes, scores = torch.cat([o.boxes for o in outputs]), torch.cat([o.scores for o in outputs])
-        if not len(boxes):
-            return boxes, scores
-        keep = non_max_suppression(boxes, scores, self.inference.nms_threshold,
-                                   max_proposals=self.inference.max_detections)
-        kept = boxes[keep]
-        fused = torch.zeros(len(kept))
-        for o in outputs:
-            if len(o.boxes):
-                overlap = box_iou(kept, o.boxes) >= self.inference.nms_threshold
-                fused += torch.where(overlap, o.scores[None, :], torch.zeros(())).amax(1)
-        fused /= len(outputs)
-        order = torch.argsort(fused, descending=True)
-        return kept[order], fused[order]

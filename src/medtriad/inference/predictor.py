@@ -7,7 +7,9 @@ shifted into volume coordinates and merged by NMS, and the classification head's
 that the case-level attention pooling runs over the tokens of all windows at once (the same pooling as one window
 holding the whole volume). Test-time mirroring (``inference.mirror_axes``) and axis transposition
 (``inference.permute_axes``) treat each copy of a window as one more window: one encoder pass per copy feeds every
-head, probabilities and boxes are mapped back, and the pooling and NMS run over all copies.
+head, probabilities and boxes are mapped back, and the pooling and NMS run over all copies. The copies then vote on
+each box NMS keeps, as the members of an ensemble do (:func:`fuse_box_sets`): its score is the mean over copies of
+each copy's best score for a box overlapping it, so a box one copy of 8 found keeps an eighth of its score.
 
 Outputs are mapped back through :class:`medtriad.data.transforms.Geometry`: region probabilities are resampled to
 the input grid and decoded into the training label convention (BraTS 0/1/2/4 stays 0/1/2/4) by choosing, per voxel,
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data.box_utils import non_max_suppression
+from monai.data.box_utils import box_iou, non_max_suppression
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
 
 from medtriad.checkpoint import load_weights, resolve_checkpoint
@@ -203,7 +205,7 @@ class Predictor:
         seg = heads["segmentation"] if "segmentation" in heads else None
         probs = torch.zeros((len(self.spec.regions), *padded_shape), device=self.device) if seg else None
         weights = torch.zeros(padded_shape, device=self.device) if seg else None
-        boxes, scores, tokens = [], [], {}
+        boxes, scores, copy_ids, tokens = [], [], [], {}
         copies = window_copies(self.inference.mirror_axes, self.inference.permute_axes)
         if len({roi[a] for a in self.inference.permute_axes}) > 1:
             raise ValueError(f"inference.permute_axes {list(self.inference.permute_axes)} needs a window of equal size "
@@ -212,7 +214,7 @@ class Predictor:
         for window in slices:
             region = (slice(None), slice(None), *window)
             offset = torch.tensor([w.start for w in window] * 2, device=self.device, dtype=torch.float32)
-            for perm, flipped in copies:  # one encoder pass per window and test-time copy feeds every head
+            for copy_id, (perm, flipped) in enumerate(copies):  # one encoder pass per window and copy feeds every head
                 dims = [a + 2 for a in flipped]  # grid axes -> batch tensor dims
                 view = torch.flip(x[region], dims) if dims else x[region]
                 inverse = [perm.index(a) for a in range(3)]
@@ -231,6 +233,7 @@ class Predictor:
                         found = det["boxes"].float()[:, inverse + [a + 3 for a in inverse]]
                         boxes.append(unflip_boxes(found, flipped, roi) + offset)
                         scores.append(det["labels_scores"].float())
+                        copy_ids.append(torch.full((len(found),), copy_id))
                     if "classification" in heads:  # tokens pooled over all windows below, in float32
                         for task, (s, v) in heads["classification"].encode(features).items():
                             tokens.setdefault(task, []).append((s.float(), v.float()))
@@ -238,7 +241,7 @@ class Predictor:
         if seg is not None:
             out.region_probs = (probs / weights.clamp_min(1e-6))[(slice(None), *inside)].cpu()
         if boxes:
-            all_boxes, all_scores = torch.cat(boxes).cpu(), torch.cat(scores).cpu()
+            all_boxes, all_scores, all_copies = torch.cat(boxes).cpu(), torch.cat(scores).cpu(), torch.cat(copy_ids)
             all_boxes = all_boxes - torch.tensor([s.start for s in inside] * 2, dtype=torch.float32)
             all_boxes = torch.minimum(all_boxes.clamp_min(0), torch.tensor(shape * 2, dtype=torch.float32))
             # a box found (almost) wholly in the padding is left as a sliver on the scan's face when clipped: one that
@@ -247,7 +250,12 @@ class Predictor:
             starts, stops = centre_index_ranges(all_boxes.numpy())
             inside_scan = torch.from_numpy((stops > starts).all(1))
             all_boxes, all_scores = all_boxes[inside_scan], all_scores[inside_scan]
-            if len(slices) * len(copies) > 1 and len(all_boxes):
+            all_copies = all_copies[inside_scan]
+            if len(copies) > 1:  # each copy (its boxes from every window) votes on the boxes NMS keeps
+                all_boxes, all_scores = fuse_box_sets(
+                    [(all_boxes[all_copies == k], all_scores[all_copies == k]) for k in range(len(copies))],
+                    self.inference.nms_threshold, self.inference.max_detections)
+            elif len(slices) > 1 and len(all_boxes):
                 keep = non_max_suppression(all_boxes, all_scores, self.inference.nms_threshold,
                                            max_proposals=self.inference.max_detections)
                 all_boxes, all_scores = all_boxes[keep], all_scores[keep]
@@ -340,6 +348,29 @@ class Predictor:
         image, _, geometry = preprocess_images(channels, affine, self.spec.spacing, case_id,
                                                     self.spec.normalization)
         return self.to_input_grid(case_id, geometry, self.predict_grid(image))
+
+
+def fuse_box_sets(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], iou_threshold: float, max_detections: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (boxes, scores) that N predictions of one image found (test-time copies, ensemble members) -> one set.
+
+    NMS over all of them picks the boxes; each kept box is scored by the mean over the N of that prediction's best
+    score for a box overlapping it by ``iou_threshold`` (0 for one that found nothing there): a box only one of N
+    found keeps 1/N of its score, so more copies or members do not add their false positives at full confidence
+    (the scoring of weighted box fusion, with the winning box's coordinates kept). The ``max_detections`` best by
+    the fused score are kept, sorted by it."""
+    boxes, scores = torch.cat([b for b, _ in sets]), torch.cat([s for _, s in sets])
+    if not len(boxes):
+        return boxes, scores
+    kept = boxes[non_max_suppression(boxes, scores, iou_threshold)]  # no cap yet: the vote may reorder them
+    fused = torch.zeros(len(kept), dtype=scores.dtype, device=kept.device)
+    for member_boxes, member_scores in sets:
+        if len(member_boxes):
+            overlap = box_iou(kept, member_boxes) >= iou_threshold
+            fused += torch.where(overlap, member_scores[None, :], member_scores.new_zeros(())).amax(1)
+    fused /= len(sets)
+    order = torch.argsort(fused, descending=True, stable=True)[:max_detections]
+    return kept[order], fused[order]
 
 
 def window_copies(mirror_axes: Sequence[int], permute_axes: Sequence[int] = ()) -> list[tuple[list[int], list[int]]]:

@@ -1,16 +1,21 @@
 """``medtriad predict``: run a trained model over a folder of cases (or one case), one output set per case.
 
-INPUT may be a dataset folder in the project layout (``imagesTr/`` or ``imagesTs/``), a folder of BraTS-style case
-folders (``CASE/CASE_{flair,t1,t1ce,t2}.nii.gz``, 2018 or 2021+ names), or the channel files of one case. A case that
-fails is reported with its reason and the others go on; the return value lists the failures so the caller can exit
-non-zero. ``num_parts`` / ``part_id`` shard the sorted case list (case i goes to part i mod num_parts); cases whose
-outputs all exist are skipped unless ``overwrite``.
+INPUT may be a dataset folder in the project layout (``imagesTs/``, else ``imagesTr/``), such an images folder itself
+(``CASE_0000.nii.gz`` ...), a folder of BraTS-style case folders (``CASE/CASE_{flair,t1,t1ce,t2}.nii.gz``, 2018 or
+2021+ names, or bare ``flair.nii.gz`` ...), or the channel files of one case. A case that fails is reported with its
+reason and the others go on, leaving no outputs; the return value lists the failures so the caller can exit non-zero.
+``num_parts`` / ``part_id`` shard the sorted case list (case i goes to part i mod num_parts); cases whose outputs all
+exist are skipped unless ``overwrite``. The table of the call is rewritten after every case, so an interrupted call
+keeps the rows of what it did, and a skipped case without a row (predicted by a shard, or by a call cut off between
+its files and its row) gets one read off its files.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from tqdm import tqdm
 
 from medtriad.inference.ensemble import EnsemblePredictor
 from medtriad.inference.writers import output_files, write_prediction
-from medtriad.io import CaseFileError, atomic_write_text
+from medtriad.io import CaseFileError, atomic_write_text, load_nifti
 
 # BraTS channel file suffixes in the model's channel order FLAIR, T1, T1ce, T2 (2018/2021 names, 2023 names)
 BRATS_SUFFIXES = {"FLAIR": ("flair", "t2f"), "T1": ("t1", "t1n"), "T1CE": ("t1ce", "t1c"), "T2": ("t2", "t2w")}
@@ -31,6 +36,7 @@ BRATS_SUFFIXES = {"FLAIR": ("flair", "t2f"), "T1": ("t1", "t1n"), "T1CE": ("t1ce
 class InputCase:
     case_id: str
     files: list[Path | None]  # one per model channel, None = missing
+    folder: Path  # where its files are (or were expected)
 
 
 def _brats_files(folder: Path, channel_names: list[str]) -> list[Path | None]:
@@ -38,7 +44,7 @@ def _brats_files(folder: Path, channel_names: list[str]) -> list[Path | None]:
     for name in channel_names:
         found = None
         for suffix in BRATS_SUFFIXES.get(name.upper(), (name.lower(),)):
-            hits = [p for p in folder.iterdir() if re.search(rf"[_-]{suffix}\.nii(\.gz)?$", p.name, re.I)]
+            hits = [p for p in folder.iterdir() if re.search(rf"(^|[_-]){suffix}\.nii(\.gz)?$", p.name, re.I)]
             if hits:
                 found = hits[0]
                 break
@@ -46,26 +52,56 @@ def _brats_files(folder: Path, channel_names: list[str]) -> list[Path | None]:
     return files
 
 
-def discover_cases(inputs: list[Path], channel_names: list[str]) -> list[InputCase]:
-    """Find the cases in INPUT (see the module docstring); sorted by case id."""
+def _channel_stem(name: str, channel_names: list[str]) -> bool:
+    """Whether a file name is a bare channel name (``flair.nii.gz``, ``t1c.nii``), which names no case."""
+    stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.I).lower()
+    return any(stem in BRATS_SUFFIXES.get(c.upper(), (c.lower(),)) for c in channel_names)
+
+
+def _numbered_cases(images: Path, n: int) -> list[InputCase]:
+    """The cases of an nnU-Net images folder (``CASE_0000.nii.gz`` ...)."""
+    ids = sorted({re.sub(r"_\d{4}\.nii(\.gz)?$", "", p.name) for p in images.glob("*_[0-9][0-9][0-9][0-9].nii*")})
+    return [InputCase(i, [next(iter(images.glob(f"{glob.escape(i)}_{c:04d}.nii*")), None) for c in range(n)], images)
+            for i in ids]
+
+
+def discover_cases(inputs: list[Path], channel_names: list[str], exclude: Path | None = None) -> list[InputCase]:
+    """Find the cases in INPUT (see the module docstring), leaving out the folder ``exclude`` (the output folder,
+    which may lie inside INPUT) and everything in it; sorted by case id. Finding no case is an error."""
     n = len(channel_names)
     if len(inputs) > 1 or inputs[0].is_file():
         if len(inputs) != n:
             raise ValueError(f"one case needs {n} channel files ({', '.join(channel_names)}), got {len(inputs)}")
-        case_id = re.sub(r"(_0000)?\.nii(\.gz)?$", "", inputs[0].name)
-        return [InputCase(case_id, list(inputs))]
+        first = inputs[0]
+        # named after the first file, or after its folder when the file bears only a channel's name
+        case_id = first.absolute().parent.name if _channel_stem(first.name, channel_names) else re.sub(
+            r"(_0000)?\.nii(\.gz)?$", "", first.name)
+        return [InputCase(case_id, list(inputs), first.parent)]
     root = inputs[0]
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} does not exist")
-    for sub in ("imagesTs", "imagesTr"):
-        images = root / sub
-        if images.is_dir():
-            ids = sorted({re.sub(r"_\d{4}\.nii(\.gz)?$", "", p.name) for p in images.glob("*_[0-9][0-9][0-9][0-9].nii*")})
-            return [InputCase(i, [next(iter(images.glob(f"{i}_{c:04d}.nii*")), None) for c in range(n)]) for i in ids]
-    folders = sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob("*.nii*")))
+    for images in (root / "imagesTs", root / "imagesTr", root):  # an images folder: the first holding cases
+        cases = _numbered_cases(images, n) if images.is_dir() else []
+        if cases:
+            return cases
+    skip = exclude.resolve() if exclude is not None else None
+    if skip is not None and root.resolve().is_relative_to(skip):  # outputs beside or above the cases: none inside
+        skip = None
+    folders = sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob("*.nii*"))
+                     and (skip is None or not p.resolve().is_relative_to(skip)))
+    if not folders and any(root.glob("*.nii*")):  # one case folder given itself
+        folders = [root]
     if not folders:
-        raise ValueError(f"no cases found in {root}: expected imagesTs/ or imagesTr/, or case folders of NIfTI files")
-    return [InputCase(f.name, _brats_files(f, channel_names)) for f in folders]
+        raise ValueError(f"no cases found in {root}: expected imagesTs/ or imagesTr/ (CASE_0000.nii.gz ...), or case "
+                         f"folders of NIfTI files")
+    named: dict[str, Path] = {}
+    for folder in folders:
+        name = folder.name if folder.name not in ("", "..") else folder.resolve().name  # ``-i .``: the folder's name
+        if name in named:
+            raise ValueError(f"two case folders share the name {name!r} ({named[name]} and {folder}): the case id "
+                             f"of their outputs; give them distinct names")
+        named[name] = folder
+    return [InputCase(name, _brats_files(folder, channel_names), folder) for name, folder in sorted(named.items())]
 
 
 def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out: Path, device: str | None = None,
@@ -78,44 +114,66 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
         raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts} and {part_id}")
     predictor = EnsemblePredictor.from_pretrained_runs(model, device=device, heatmaps=heatmaps, inference=inference)
     spec = predictor.spec
-    cases = discover_cases(inputs, spec.channel_names)[part_id::num_parts]
+    cases = discover_cases(inputs, spec.channel_names, exclude=out)[part_id::num_parts]
     out.mkdir(parents=True, exist_ok=True)
     table = out / ("predictions.csv" if num_parts == 1 else f"predictions_part{part_id}of{num_parts}.csv")
-    previous = read_predictions_csv(table)  # read first: an unreadable one stops the call before any case
+    merged = read_predictions_csv(table)  # read first: an unreadable one stops the call before any case
     failures: list[tuple[str, str]] = []
-    rows = []
     expected = {"segmentation": "seg", "detection": "boxes", "classification": "class"}
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         files = output_files(out, case.case_id)
         if not overwrite and all(files[expected[h]].is_file() for h in spec.heads):
+            if case.case_id not in merged:  # done by a shard or by a call cut off before its row: read its files
+                try:
+                    merged[case.case_id] = row_from_files(files, case.case_id, spec.heads)
+                except (CaseFileError, ValueError, OSError, KeyError, TypeError) as error:  # not what we write
+                    failures.append((case.case_id, f"its outputs exist but cannot be read ({error}); predict it "
+                                                   f"again with --overwrite"))
+                    tqdm.write(f"FAILED {case.case_id}: {failures[-1][1]}")
+                    continue
+                write_predictions_csv(table, merged)
             continue
         try:
             missing = [spec.channel_names[i] for i, f in enumerate(case.files) if f is None]
-            if missing:
-                raise CaseFileError(case.case_id, next(f for f in case.files if f is not None) if any(case.files)
-                                    else out, f"missing channel(s) {missing}")
+            if missing and (not spec.missing_channels or len(missing) == len(case.files)):
+                why = ("no channel file found" if len(missing) == len(case.files) else "the model was not trained "
+                       "with missing channels (dataset.json medtriad.allow_missing_channels)")
+                raise CaseFileError(case.case_id, case.folder, f"missing channel(s) {missing}: {why}")
             pred = predictor.predict(case.files, case_id=case.case_id)
             source = nib.load(next(f for f in case.files if f is not None)).header  # qform/sform codes, units
             write_prediction(out, pred, spec.heads, reference_header=source)
+            row = row_from_files(files, case.case_id, spec.heads)  # as a rerun would read it
         except (CaseFileError, ValueError, OSError, RuntimeError, MemoryError) as error:  # RuntimeError: out of memory
             if isinstance(error, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()  # the next, smaller case may fit
             failures.append((case.case_id, str(error)))
             tqdm.write(f"FAILED {case.case_id}: {error}")
+            remove_outputs(out, case.case_id)  # none half-written, none of an earlier call (--overwrite) left
+            if merged.pop(case.case_id, None) is not None:
+                write_predictions_csv(table, merged)
             continue
-        row = {"case": case.case_id, "num_boxes": len(pred.scores),
-               "max_box_score": round(float(pred.scores.max()), 4) if len(pred.scores) else ""}
-        if pred.mask is not None:
-            row["tumour_voxels"] = int((pred.mask > 0).sum())
-        for task, probs in pred.probabilities.items():
-            row.update({f"p_{task}_{c}": round(p, 4) for c, p in probs.items()})
-        rows.append(row)
-    if rows or (failures and previous):
-        failed = {case_id for case_id, _ in failures}
-        merged = {case_id: row for case_id, row in previous.items() if case_id not in failed}
-        merged.update((row["case"], row) for row in rows)
+        merged[case.case_id] = row
         write_predictions_csv(table, merged)
     return failures
+
+
+def row_from_files(files: dict[str, Path], case_id: str, heads: list[str]) -> dict:
+    """A case's row of ``predictions.csv``, read off its output files: number of boxes, best box score, tumour
+    voxels, class probabilities (for a case just predicted and for one a rerun finds done alike)."""
+    scores = [b["score"] for b in json.loads(files["boxes"].read_text())["boxes"]] if "detection" in heads else []
+    row = {"case": case_id, "num_boxes": len(scores), "max_box_score": round(max(scores), 4) if scores else ""}
+    if "segmentation" in heads:
+        row["tumour_voxels"] = int((load_nifti(files["seg"], case_id)[0] > 0).sum())
+    if "classification" in heads:
+        for task, probs in json.loads(files["class"].read_text()).items():
+            row.update({f"p_{task}_{c}": round(p, 4) for c, p in probs.items()})
+    return row
+
+
+def remove_outputs(out: Path, case_id: str) -> None:
+    """Delete a case's output files, so that a failed case leaves none and the next call predicts it again."""
+    for path in [*output_files(out, case_id).values(), *out.glob(f"{glob.escape(case_id)}_heatmap_*.nii.gz")]:
+        path.unlink(missing_ok=True)
 
 
 def read_predictions_csv(path: Path) -> dict[str, dict]:

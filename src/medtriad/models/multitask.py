@@ -45,6 +45,8 @@ class ModelSpec:
         radial_coordinate: the encoder also reads each voxel's distance from the window's centre
             (medtriad.models.encoders.coordinates).
         plugins: encoder "slice2d" only: task -> PluginConfig fields (medtriad.models.anymc3d), one plugin per task.
+        missing_channels: trained on a dataset whose cases may lack channels (``allow_missing_channels``):
+            ``predict`` then takes a case with some channel files missing (zero-filled), as training saw them.
     """
 
     encoder: str
@@ -63,6 +65,7 @@ class ModelSpec:
     normalization: str = "nonzero"
     radial_coordinate: bool = False
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missing_channels: bool = False
 
     def save(self, path: str | Path) -> None:
         write_json(path, dataclasses.asdict(self))

@@ -316,7 +316,8 @@ class Trainer:
             segmentation=dict(cfg.model.segmentation) if "segmentation" in heads else {},
             tasks={n: {"kind": t.kind, "classes": list(t.classes)} for n, t in spec.tasks.items()},
             detection=detection, classification_hidden=cfg.model.classification_hidden,
-            classification_dropout=cfg.model.classification_dropout, radial_coordinate=cfg.model.radial_coordinate)
+            classification_dropout=cfg.model.classification_dropout, radial_coordinate=cfg.model.radial_coordinate,
+            missing_channels=spec.allow_missing_channels)
 
     # ------------------------------------------------------------------ batches
     def draw_batch(self, step: int) -> dict[str, Any]:
