@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 from medtriad.cli import main
@@ -18,13 +20,20 @@ from medtriad.training.trainer import train
 
 @pytest.fixture(scope="module")
 def fold_runs(synth_dataset, tmp_path_factory):
-    """A tiny run trained on fold 0 of the synthetic dataset, and a copy of it given fold 1's split: two runs that
-    hold out disjoint cases (the copy's weights do not matter to what is tested: which run scores which case)."""
+    """A tiny run trained on fold 0 of the synthetic dataset, and a copy of it given fold 1's split and perturbed
+    weights: two runs that hold out disjoint cases and predict differently (so that scoring a case with the wrong
+    run shows)."""
     root = tmp_path_factory.mktemp("cv")
     config = Config.load("tiny", {"training.epochs": 1, "training.iterations_per_epoch": 2,
                                   "training.warmup_iterations": 1})
     train(synth_dataset, config, root / "fold0", fold=0, progress=False)
     shutil.copytree(root / "fold0", root / "fold1")
+    for name in ("last", "best"):
+        weights_file = root / "fold1" / "checkpoints" / name / "model.safetensors"
+        generator = torch.Generator().manual_seed(0)
+        weights = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                   for k, v in load_file(str(weights_file)).items()}
+        save_file(weights, str(weights_file))
     split = json.loads((root / "fold0" / "split.json").read_text())
     grades = {c.case_id: c.classes["grade"] for c in load_dataset(synth_dataset)[1]}
     cases = sorted(grades)
@@ -59,6 +68,12 @@ def test_each_fold_scores_its_own_cases_and_metrics_pool_them(synth_dataset, fol
         for case in val:
             for key in ("dice_WT", "p_grade_HGG", "det_tp"):
                 assert float(rows[case][key]) == pytest.approx(float(alone[case][key]), abs=1e-6), (case, key)
+    # the other run gives fold 0's cases other probabilities, so the rows above show which run scored each case
+    assert main(["evaluate", str(runs[1]), str(synth_dataset), "--split", "all", "--checkpoint", "last",
+                 "-o", str(tmp_path / "fold1_all"), "-q"]) == 0
+    other = _rows(tmp_path / "fold1_all")
+    for case in val0:
+        assert abs(float(other[case]["p_grade_HGG"]) - float(rows[case]["p_grade_HGG"])) > 1e-4, case
 
     # the AUC ranks the pooled cases (not a mean of per-fold AUCs), as scikit-learn computes it
     targets = np.array([int(rows[c]["target_grade"]) for c in rows])

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def test_shifted_boxes_count_at_low_iou_only():
     result = detection_metrics(preds, SCORES, GT)
     assert result["AP_IoU_0.10"] == pytest.approx(1.0)
     assert result["AP_IoU_0.50"] == pytest.approx(0.0)
-    assert 0.0 < result["mAP_IoU_0.10_0.50"] < 1.0
+    assert result["mAP_IoU_0.10_0.50"] == pytest.approx(7 / 9)  # matched at 0.10, 0.15, ..., 0.40; not 0.45, 0.50
 
 
 def test_no_predictions_gives_zero_and_no_ground_truth_gives_nan():
@@ -113,6 +114,9 @@ def test_no_predictions_gives_zero_and_no_ground_truth_gives_nan():
     assert missed["mAP_IoU_0.10_0.50"] == 0.0 and missed["recall_IoU_0.10"] == 0.0
     undefined = detection_metrics(GT, SCORES, none)
     assert math.isnan(undefined["mAP_IoU_0.10_0.50"]) and math.isnan(undefined["AP_IoU_0.10"])
+    assert math.isnan(undefined["recall_IoU_0.10"])
+    with pytest.raises(ValueError, match="ascending"):  # the result's keys name the first and last threshold
+        detection_metrics(GT, SCORES, GT, iou_thresholds=[0.5, 0.1])
 
 
 def test_case_without_ground_truth_adds_false_positives():
@@ -210,6 +214,18 @@ def test_auc_is_nan_when_one_class_only():
     result = classification_metrics("binary", np.array([0.2, 0.7, 0.9]), np.array([1, 1, 1]), ["n", "p"])
     assert math.isnan(result["auc"]) and math.isnan(result["specificity"])
     assert result["sensitivity"] == pytest.approx(2 / 3)
+
+
+def test_undefined_multiclass_metrics_are_nan_without_warnings():
+    """One class present, or no known target: the macro means over classes are NaN, with no numpy warning printed
+    on the command line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = classification_metrics("multiclass", np.full((3, 3), 1 / 3), np.zeros(3), ["a", "b", "c"])
+        unknown = classification_metrics("multiclass", np.full((2, 3), 1 / 3), np.array([None, None], dtype=object),
+                                         ["a", "b", "c"])
+    assert math.isnan(one["auc"]) and one["accuracy"] == 1.0
+    assert math.isnan(unknown["auc"]) and math.isnan(unknown["f1"]) and unknown["num_samples"] == 0
 
 
 def test_classification_rejects_bad_input():

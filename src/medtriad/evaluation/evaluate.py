@@ -104,7 +104,10 @@ def evaluate_samples(predictor: Predictor, samples: Iterable[Sample], progress: 
         predictions: the Prediction objects when ``keep_predictions`` (for reports), else empty.
     """
     scores, kept = [], []
-    for sample in tqdm(list(samples), desc="evaluate", unit="case", disable=not progress, leave=False):
+    # one sample at a time: a generator of samples is read as it is scored, never held whole (a BraTS case at 1 mm
+    # takes about 0.2 GB loaded)
+    total = len(samples) if hasattr(samples, "__len__") else None
+    for sample in tqdm(samples, total=total, desc="evaluate", unit="case", disable=not progress, leave=False):
         score, pred = score_case(predictor, sample)
         scores.append(score)
         if keep_predictions:

@@ -123,8 +123,8 @@ def detection_metrics(
             f"and {len(gt_boxes)} gt_boxes"
         )
     thresholds = [float(t) for t in iou_thresholds]
-    if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
-        raise ValueError(f"iou_thresholds must be non-empty values in (0, 1], got {thresholds}")
+    if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds) or thresholds != sorted(set(thresholds)):
+        raise ValueError(f"iou_thresholds must be non-empty ascending values in (0, 1], got {thresholds}")
     preds = [_as_boxes(b, i, "pred_boxes") for i, b in enumerate(pred_boxes)]
     scores = [_as_scores(s, len(b), i) for i, (s, b) in enumerate(zip(pred_scores, preds))]
     gts = [_as_boxes(b, i, "gt_boxes") for i, b in enumerate(gt_boxes)]
@@ -273,9 +273,9 @@ def classification_metrics(
         y_onehot, pred_onehot = np.eye(k, dtype=int)[y], np.eye(k, dtype=int)[p.argmax(1)]
         confusion = _confusion(pred_onehot, y_onehot)
         metrics = {
-            "auc": float(np.nanmean([_auc(p[:, c], y_onehot[:, c]) for c in range(k)])) if len(y) else float("nan"),
+            "auc": _nanmean([_auc(p[:, c], y_onehot[:, c]) for c in range(k)]) if len(y) else float("nan"),
             "accuracy": float(np.mean(p.argmax(1) == y)) if len(y) else float("nan"),
-            "f1": float(np.nanmean(_rate("f1 score", confusion))),
+            "f1": _nanmean(_rate("f1 score", confusion)),
         }
         metrics.update({f"sensitivity_{n}": s for n, s in zip(names, _rate("sensitivity", confusion))})
         return metrics | {"num_samples": float(len(y))}
@@ -284,11 +284,16 @@ def classification_metrics(
         p, y = probs[known[:, c], c], targets[known[:, c], c].astype(int)
         metrics[f"auc_{name}"] = _auc(p, y)
         metrics[f"f1_{name}"] = _rate("f1 score", _confusion((p >= 0.5)[:, None], y[:, None] == 1))[0]
-    with warnings.catch_warnings():  # all-NaN columns are reported as NaN, no warning needed
-        warnings.simplefilter("ignore", RuntimeWarning)
-        metrics["auc"] = float(np.nanmean([metrics[f"auc_{n}"] for n in names]))
-        metrics["f1"] = float(np.nanmean([metrics[f"f1_{n}"] for n in names]))
+    metrics["auc"] = _nanmean([metrics[f"auc_{n}"] for n in names])
+    metrics["f1"] = _nanmean([metrics[f"f1_{n}"] for n in names])
     return metrics | {"num_samples": float(known.sum(0).min())}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """The mean of the defined values; NaN, without numpy's "Mean of empty slice" warning, when none is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.asarray(values, dtype=float)))
 
 
 def summarize(per_case: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:

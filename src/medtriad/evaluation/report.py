@@ -73,8 +73,9 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
     pred = view.prediction.mask
     shape = next(c.shape for c in view.channels if c is not None)
     z = _slice_index(view.label, pred, shape[2])
-    names = list(regions)
-    whole, inner = regions[names[0]], regions[names[-1]]
+    names = list(regions)  # contours: the first region solid, the last dashed (BraTS: WT and ET); none without
+    outlines = ([(regions[names[0]], "solid")] if names else []) + (
+        [(regions[names[-1]], "dashed")] if len(names) > 1 else [])
     fig, axes = plt.subplots(1, len(view.channels), figsize=(3.2 * len(view.channels), 3.4))
     for ax, channel, name in zip(np.atleast_1d(axes), view.channels, view.channel_names):
         ax.set_title(name, fontsize=10)
@@ -86,7 +87,7 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
         for volume, colour in ((view.label, "lime"), (pred, "red")):
             if volume is None:
                 continue
-            for values, style in ((whole, "solid"), (inner, "dashed")):
+            for values, style in outlines:
                 region = np.isin(volume[:, :, z], list(values)).T.astype(float)
                 if region.any():
                     ax.contour(region, levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
@@ -103,8 +104,10 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
                                        edgecolor=colour, linestyle=style, linewidth=1.2))
                 if scores is not None:
                     ax.text(b[0], b[4] + 1, f"{scores[i]:.2f}", color=colour, fontsize=7)
-    fig.suptitle(f"{view.case_id}, axial slice {z}  (green: truth, red: prediction; dashed contour: "
-                 f"{names[-1]}; boxes scoring >= {BOX_SCORE})", fontsize=9)
+    contours = (f"solid contour: {names[0]}; " if names else "") + (
+        f"dashed contour: {names[-1]}; " if len(names) > 1 else "")
+    fig.suptitle(f"{view.case_id}, axial slice {z}  (green: truth, red: prediction; {contours}boxes scoring >= "
+                 f"{BOX_SCORE})", fontsize=9)
     return _png(fig)
 
 
