@@ -11,6 +11,8 @@
 #   With a fourth argument `seg-only` the second arm is brats-cpu's own single-task segmentation variant (arm S: the
 #   same encoder, decoder and settings, one head) instead of the SegResNet reference, in WORKDIR/seg-foldFOLD (issue 5:
 #   multi-task against single-task at the recipe's full budget), e.g. bash benchmarks/brats_vs_segresnet.sh W 0 '' seg-only
+#   There the multi-task arm is also scored mirrored without its detection gate (RUN/eval_mirrored_nogate), the same
+#   post-processing as S, which has no detection head.
 set -euo pipefail
 work=${1:?WORKDIR}
 fold=${2:?FOLD}
@@ -43,3 +45,9 @@ for arm in $multi $ref; do
 done
 wait
 python "$(dirname "$0")/dice_summary.py" "$multi=$out/$multi" "$ref=$out/$ref"
+if [ $ref = S ]; then  # like for like: S has no detection head, so no detection gate; A scored without it too
+  OMP_NUM_THREADS=2 medtriad evaluate "$out/$multi" "$work/dataset" --checkpoint last -q \
+      --set inference.detection_gate=null --set "inference.mirror_axes=[0,1,2]" -o "$out/$multi/eval_mirrored_nogate" \
+      > /dev/null
+  python "$(dirname "$0")/dice_summary.py" "$multi=$out/$multi" --evals eval_mirrored_nogate
+fi
