@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from medtriad.inference.ensemble import EnsemblePredictor
-from medtriad.inference.writers import output_files, write_prediction
-from medtriad.io import CaseFileError, atomic_write_text, load_nifti
+from medtriad.inference.writers import output_files, remove_outputs, row_from_files, write_prediction
+from medtriad.io import CaseFileError, atomic_write_text
 
 # BraTS channel file suffixes in the model's channel order FLAIR, T1, T1ce, T2 (2018/2021 names, 2023 names)
 BRATS_SUFFIXES = {"FLAIR": ("flair", "t2f"), "T1": ("t1", "t1n"), "T1CE": ("t1ce", "t1c"), "T2": ("t2", "t2w")}
@@ -155,25 +154,6 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
         merged[case.case_id] = row
         write_predictions_csv(table, merged)
     return failures
-
-
-def row_from_files(files: dict[str, Path], case_id: str, heads: list[str]) -> dict:
-    """A case's row of ``predictions.csv``, read off its output files: number of boxes, best box score, tumour
-    voxels, class probabilities (for a case just predicted and for one a rerun finds done alike)."""
-    scores = [b["score"] for b in json.loads(files["boxes"].read_text())["boxes"]] if "detection" in heads else []
-    row = {"case": case_id, "num_boxes": len(scores), "max_box_score": round(max(scores), 4) if scores else ""}
-    if "segmentation" in heads:
-        row["tumour_voxels"] = int((load_nifti(files["seg"], case_id)[0] > 0).sum())
-    if "classification" in heads:
-        for task, probs in json.loads(files["class"].read_text()).items():
-            row.update({f"p_{task}_{c}": round(p, 4) for c, p in probs.items()})
-    return row
-
-
-def remove_outputs(out: Path, case_id: str) -> None:
-    """Delete a case's output files, so that a failed case leaves none and the next call predicts it again."""
-    for path in [*output_files(out, case_id).values(), *out.glob(f"{glob.escape(case_id)}_heatmap_*.nii.gz")]:
-        path.unlink(missing_ok=True)
 
 
 def read_predictions_csv(path: Path) -> dict[str, dict]:
