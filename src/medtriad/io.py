@@ -170,6 +170,18 @@ def grid_difference(shape: tuple[int, ...], affine: np.ndarray, reference: tuple
     return None
 
 
+def same_grid(case_id: str | None, path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray,
+              reference: tuple[Path, tuple[int, ...], np.ndarray] | None) -> tuple[Path, tuple[int, ...], np.ndarray]:
+    """A case's files share one grid: the file at ``path`` (its ``shape`` and ``affine``) is checked against
+    ``reference`` (path, shape, affine of the case's first file) and :class:`CaseFileError` names it when it differs.
+    Returns the reference, or this file's grid when there is none yet (the first file)."""
+    if reference is None:
+        return Path(path), tuple(shape), affine
+    if (difference := grid_difference(shape, affine, reference)) is not None:
+        raise CaseFileError(case_id, path, difference)
+    return reference
+
+
 def save_nifti(
     path: str | os.PathLike,
     array: np.ndarray,

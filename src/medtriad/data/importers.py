@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medtriad.data.boxes import boxes_from_mask
 from medtriad.data.layout import ClassificationTask, DatasetSpec, write_boxes_json, write_classes_csv
-from medtriad.io import CaseFileError, atomic_copy, grid_difference, load_nifti, save_nifti
+from medtriad.io import CaseFileError, atomic_copy, load_nifti, same_grid, save_nifti
 
 __all__ = ["import_brats"]
 
@@ -139,16 +139,6 @@ def _read_label(path: Path, case_id: str, style: str) -> tuple[np.ndarray, np.nd
     return label.astype(np.uint8), affine
 
 
-def _same_grid(case_id: str, path: Path, shape: tuple[int, ...], affine: np.ndarray,
-               grid: tuple[Path, tuple[int, ...], np.ndarray] | None) -> tuple[Path, tuple[int, ...], np.ndarray]:
-    """The case's grid (the first file's), after refusing a file on another grid, as `check` and training would."""
-    if grid is None:
-        return path, shape, affine
-    if (difference := grid_difference(shape, affine, grid)) is not None:
-        raise CaseFileError(case_id, path, difference)
-    return grid
-
-
 def import_brats(
     src: str | os.PathLike, out: str | os.PathLike, min_box_volume_mm3: float = 100.0, progress: bool = True
 ) -> Path:
@@ -182,12 +172,12 @@ def import_brats(
                 raise CaseFileError(case.case_id, expected, f"missing {CHANNEL_NAMES[channel]} file (also looked "
                                                             f"for {case.case_id}-{names[1]}.nii.gz and .nii files)")
             data, affine = load_nifti(path, case.case_id)  # reads everything: corrupt or truncated files fail here
-            grid = _same_grid(case.case_id, path, data.shape, affine, grid)
+            grid = same_grid(case.case_id, path, data.shape, affine, grid)
             atomic_copy(path, spec.image_file(case.case_id, channel), compress=path.suffix == ".nii")
         seg = _modality_file(case, ("seg",))
         if seg is not None:
             label, affine = _read_label(seg, case.case_id, style)
-            _same_grid(case.case_id, seg, label.shape, affine, grid)  # else its boxes would not fit the images
+            same_grid(case.case_id, seg, label.shape, affine, grid)  # else its boxes would not fit the images
             save_nifti(spec.label_file(case.case_id), label, affine, nib.load(seg).header)
             wt = np.isin(label, spec.regions[spec.detection_region])
             boxes[case.case_id] = boxes_from_mask(wt, affine, min_box_volume_mm3)

@@ -46,7 +46,7 @@ from monai.utils import MAX_SEED
 from medtriad.config import INTENSITY_AUGMENTATIONS
 from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask
 from medtriad.data.layout import Case, DatasetSpec
-from medtriad.io import CaseFileError, grid_difference, load_nifti
+from medtriad.io import CaseFileError, load_nifti, same_grid
 
 
 @dataclass
@@ -184,10 +184,7 @@ def read_channels(files: Mapping[int, Path | None], case_id: str) -> tuple[list[
         data, affine = load_nifti(path, case_id)
         if not np.isfinite(data).all():
             raise CaseFileError(case_id, path, "image holds NaN or infinite values")
-        if reference is None:
-            reference = (path, data.shape, affine)
-        elif (difference := grid_difference(data.shape, affine, reference)) is not None:
-            raise CaseFileError(case_id, path, difference)
+        reference = same_grid(case_id, path, data.shape, affine, reference)
         arrays.append(data.astype(np.float32, copy=False))
     if reference is None:
         raise CaseFileError(case_id, "(no channel file)", "no image channel present")
@@ -211,8 +208,7 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
     if case.label_file is not None:
         label, label_affine = load_nifti(case.label_file, case.case_id)
         first = next(case.image_files[c] for c in sorted(case.image_files) if case.image_files[c] is not None)
-        if (difference := grid_difference(label.shape, label_affine, (first, geometry.shape, affine))) is not None:
-            raise CaseFileError(case.case_id, case.label_file, difference)
+        same_grid(case.case_id, case.label_file, label.shape, label_affine, (first, geometry.shape, affine))
         if not np.isfinite(label).all():  # (evaluate reads labels without `check` first)
             raise CaseFileError(case.case_id, case.label_file, "label holds NaN or infinite values")
         rounded = np.rint(label)

@@ -74,8 +74,7 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
     shape = next(c.shape for c in view.channels if c is not None)
     z = _slice_index(view.label, pred, shape[2])
     names = list(regions)  # contours: the first region solid, the last dashed (BraTS: WT and ET); none without
-    outlines = ([(regions[names[0]], "solid")] if names else []) + (
-        [(regions[names[-1]], "dashed")] if len(names) > 1 else [])
+    outlines = list(zip(dict.fromkeys(names[:1] + names[-1:]), ("solid", "dashed")))  # (region, style)
     fig, axes = plt.subplots(1, len(view.channels), figsize=(3.2 * len(view.channels), 3.4))
     for ax, channel, name in zip(np.atleast_1d(axes), view.channels, view.channel_names):
         ax.set_title(name, fontsize=10)
@@ -87,8 +86,8 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
         for volume, colour in ((view.label, "lime"), (pred, "red")):
             if volume is None:
                 continue
-            for values, style in outlines:
-                region = np.isin(volume[:, :, z], list(values)).T.astype(float)
+            for region_name, style in outlines:
+                region = np.isin(volume[:, :, z], list(regions[region_name])).T.astype(float)
                 if region.any():
                     ax.contour(region, levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
         confident = view.prediction.scores >= BOX_SCORE
@@ -104,8 +103,7 @@ def case_figure(view: CaseView, regions: dict[str, Sequence[int]]) -> str:
                                        edgecolor=colour, linestyle=style, linewidth=1.2))
                 if scores is not None:
                     ax.text(b[0], b[4] + 1, f"{scores[i]:.2f}", color=colour, fontsize=7)
-    contours = (f"solid contour: {names[0]}; " if names else "") + (
-        f"dashed contour: {names[-1]}; " if len(names) > 1 else "")
+    contours = "".join(f"{style} contour: {region_name}; " for region_name, style in outlines)
     fig.suptitle(f"{view.case_id}, axial slice {z}  (green: truth, red: prediction; {contours}boxes scoring >= "
                  f"{BOX_SCORE})", fontsize=9)
     return _png(fig)
