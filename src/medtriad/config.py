@@ -20,6 +20,9 @@ import yaml
 from medtriad.io import atomic_write_text
 from medtriad.precision import PRECISIONS
 
+#: the task heads a model can have
+HEAD_NAMES = ("segmentation", "detection", "classification")
+
 INTENSITY_AUGMENTATIONS = ("light", "strong")  # medtriad.data.transforms.intensity_transforms
 
 
@@ -125,7 +128,7 @@ class ModelConfig:
 
     encoder: str = "resenc"
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    heads: tuple[str, ...] = ("segmentation", "detection", "classification")
+    heads: tuple[str, ...] = HEAD_NAMES
     segmentation: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     classification_hidden: int = 128
@@ -153,6 +156,11 @@ class TrainingConfig:
         max_minutes: stop (after the current epoch's validation) once this much wall time has passed; 0 = no limit.
         balancing: ``fixed``, ``uncertainty`` (Kendall et al. 2018) or ``gradnorm`` (Chen et al. 2018).
         loss_weights: task -> weight for ``fixed`` (missing tasks weigh 1).
+        encoder_gradient: head -> the share of that head's gradient that reaches the shared encoder (heads not
+            named: 1, joint training). ``{detection: 0, classification: 0}``: only segmentation shapes the encoder
+            and the other heads learn on its features (a stop-gradient); the loss weights still scale each head's
+            own gradient. Not for ``gradnorm`` with a 0 (a task without a gradient on the shared layer) nor for
+            slice2d plugins (their backbone is frozen).
         num_folds: k of the stratified k-fold split; ``--fold K`` picks the validation fold.
         accumulate: gradient accumulation steps.
         ema_decay: 0 = off; otherwise an exponential moving average of the weights with this decay per step (timm's
@@ -171,6 +179,7 @@ class TrainingConfig:
     warmup_iterations: int = 20
     balancing: str = "fixed"
     loss_weights: dict[str, float] = field(default_factory=dict)
+    encoder_gradient: dict[str, float] = field(default_factory=dict)
     gradnorm_alpha: float = 1.5
     num_folds: int = 5
     seed: int = 0
@@ -186,6 +195,12 @@ class TrainingConfig:
             raise ValueError(f"training.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"training.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for head, share in self.encoder_gradient.items():
+            if head not in HEAD_NAMES:
+                raise ValueError(f"training.encoder_gradient: {head!r} is not a head; heads are {HEAD_NAMES}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise ValueError(f"training.encoder_gradient.{head} must be a share in [0, 1] (0: stop-gradient, "
+                                 f"1: joint training); got {share!r}")
 
 
 @dataclass

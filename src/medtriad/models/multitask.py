@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from medtriad.config import HEAD_NAMES as HEADS
 from medtriad.io import write_json
 from medtriad.models.encoders import create_encoder
 from medtriad.models.encoders.coordinates import WithRadialCoordinate
 from medtriad.models.heads.classification import ClassificationHead
 from medtriad.models.heads.detection import DetectionHead
 from medtriad.models.heads.segmentation import build_segmentation_head
-
-HEADS = ("segmentation", "detection", "classification")
 
 
 @dataclass
@@ -89,6 +88,10 @@ class MultiTaskModel(nn.Module):
     ``forward(x)`` returns a dict with any of: ``"segmentation"`` region logits (B, R, X, Y, Z) (in training with deep
     supervision also ``"segmentation_deep"``, the coarser levels' logits); ``"classification"`` {task: logits (B, n)};
     ``"detection"`` losses (when ``det_targets`` is given) or boxes.
+
+    ``encoder_gradient`` (training only): head -> the share of that head's gradient that flows back into the shared
+    encoder (1 for heads not named: joint training; 0: the head learns on the encoder's features without changing
+    them, a stop-gradient). The forward values are the same either way.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -122,24 +125,40 @@ class MultiTaskModel(nn.Module):
     def size_divisible(self) -> int:
         return self.encoder.size_divisible
 
-    def forward(self, x: Tensor, det_targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+    def forward(self, x: Tensor, det_targets: list[dict[str, Tensor]] | None = None,
+                encoder_gradient: Mapping[str, float] | None = None) -> dict[str, Any]:
         features = self.encoder(x)
-        return self.forward_heads(features, tuple(x.shape[2:]), det_targets)
+        return self.forward_heads(features, tuple(x.shape[2:]), det_targets, encoder_gradient)
 
     def forward_heads(self, features: list[Tensor], image_size: tuple[int, ...],
-                      det_targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+                      det_targets: list[dict[str, Tensor]] | None = None,
+                      encoder_gradient: Mapping[str, float] | None = None) -> dict[str, Any]:
+        unknown = set(encoder_gradient or {}) - set(self.heads)
+        if unknown:
+            raise ValueError(f"encoder_gradient names {sorted(unknown)}, not heads of this model ({list(self.heads)})")
+        shared = lambda head: scale_gradient(features, (encoder_gradient or {}).get(head, 1.0))  # noqa: E731
         out: dict[str, Any] = {}
         if "segmentation" in self.heads:
             seg = self.heads["segmentation"]
             if self.training and seg.deep_supervision:  # coarser levels' logits for the loss, fine to coarse
-                out["segmentation"], *out["segmentation_deep"] = seg.forward_deep(features)
+                out["segmentation"], *out["segmentation_deep"] = seg.forward_deep(shared("segmentation"))
             else:
-                out["segmentation"] = seg(features)
+                out["segmentation"] = seg(shared("segmentation"))
         if "classification" in self.heads:
-            out["classification"] = self.heads["classification"](features)
+            out["classification"] = self.heads["classification"](shared("classification"))
         if "detection" in self.heads and (det_targets is not None or not self.training):
-            out["detection"] = self.heads["detection"](features, image_size, det_targets)
+            out["detection"] = self.heads["detection"](shared("detection"), image_size, det_targets)
         return out
+
+
+def scale_gradient(features: list[Tensor], scale: float) -> list[Tensor]:
+    """``features`` unchanged in the forward pass, their gradient multiplied by ``scale`` in the backward pass
+    (0: detached, 1: untouched)."""
+    if scale == 1.0:
+        return features
+    if scale == 0.0:
+        return [f.detach() for f in features]
+    return [f.detach() + scale * (f - f.detach()) for f in features]
 
 
 def build_model(spec: ModelSpec, root: str | Path | None = None) -> nn.Module:

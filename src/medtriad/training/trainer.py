@@ -200,6 +200,15 @@ class Trainer:
                                             for t, v in self.model_spec.tasks.items()})
         tasks = self._loss_names()
         last = self.model.encoder.last_shared_layer()
+        # heads the model does not have (a recipe's single-task variant) drop out, as their loss weights do
+        self.encoder_gradient = {h: float(v) for h, v in cfg.training.encoder_gradient.items()
+                                 if h in self.model_spec.heads and v != 1}
+        if self.encoder_gradient and isinstance(self.model, PluginModel):
+            raise ValueError("training.encoder_gradient is for the 3D encoders; the slice2d backbone is frozen")
+        if cfg.training.balancing == "gradnorm" and 0 in self.encoder_gradient.values():
+            raise ValueError(f"balancing 'gradnorm' weighs tasks by their gradients on the shared encoder; with "
+                             f"training.encoder_gradient {self.encoder_gradient} a head has none: use 'fixed' or "
+                             f"'uncertainty'")
         if cfg.training.balancing == "gradnorm" and not any(p.requires_grad for p in last.parameters()):
             raise ValueError("balancing 'gradnorm' needs a trainable shared encoder; the slice2d backbone is frozen "
                              "(each plugin trains its own adapters): use 'fixed' or 'uncertainty'")
@@ -375,7 +384,8 @@ class Trainer:
         """One forward pass: the unweighted loss of each task, and a zero-weighted tail (see below)."""
         heads = self.model_spec.heads
         with autocast(self.device, self.autocast):
-            out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}))
+            out = self.network(batch["image"], **({"det_targets": batch["boxes"]} if "detection" in heads else {}),
+                               **({"encoder_gradient": self.encoder_gradient} if self.encoder_gradient else {}))
         losses: dict[str, torch.Tensor] = {}
         if "segmentation" in out:
             seg_logits = [out["segmentation"], *out.get("segmentation_deep", [])]  # finest first
