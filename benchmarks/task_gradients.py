@@ -6,7 +6,9 @@ parameter. It prints, averaged over the batches, each task's gradient norm and i
 gradient, and the cosine between the summed gradient (what the encoder follows) and segmentation's: first at the
 run's initial weights (seeded as the trainer seeds), then at its ``last`` checkpoint. With AdamW the heads' own updates do not
 depend on a loss weight's scale; the weights only set the mix the shared encoder sees, which is what this measures.
-For a run trained with weight EMA the gradients are taken at the weights being trained, not at their average.
+For a run trained with weight EMA the gradients are taken at the weights being trained, not at their average. For a
+run with a stop-gradient (``training.encoder_gradient``) the gradients are what training passes to the encoder: a
+stopped head's norm is 0.
 
 Usage: python benchmarks/task_gradients.py RUN_DIR DATASET [--batches 8] [--checkpoint last]
 """

@@ -26,6 +26,19 @@ def test_atomic_write_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # temp file removed
 
 
+def test_atomic_writes_flush_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """The rename that makes a write visible is a change of its folder: the folder is flushed after it (as
+    checkpoints always did), for JSON files and NIfTI masks alike (``predict``'s outputs)."""
+    events = []
+    replace, fsync_path = mio.os.replace, mio.fsync_path
+    monkeypatch.setattr(mio.os, "replace", lambda a, b: (events.append(("replace", b)), replace(a, b)))
+    monkeypatch.setattr(mio, "fsync_path", lambda p: (events.append(("fsync", p)), fsync_path(p)))
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert events[-2:] == [("replace", tmp_path / "a.json"), ("fsync", tmp_path)]
+    save_nifti(tmp_path / "m.nii.gz", np.zeros((2, 2, 2), np.uint8), AFFINE)
+    assert events[-2:] == [("replace", tmp_path / "m.nii.gz"), ("fsync", tmp_path)]
+
+
 def test_write_json_replaces_and_uses_normal_permissions(tmp_path):
     path = tmp_path / "sub" / "a.json"
     write_json(path, {"x": [1, 2]})

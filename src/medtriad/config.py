@@ -159,8 +159,8 @@ class TrainingConfig:
         encoder_gradient: head -> the share of that head's gradient that reaches the shared encoder (heads not
             named: 1, joint training). ``{detection: 0, classification: 0}``: only segmentation shapes the encoder
             and the other heads learn on its features (a stop-gradient); the loss weights still scale each head's
-            own gradient. Not for ``gradnorm`` with a 0 (a task without a gradient on the shared layer) nor for
-            slice2d plugins (their backbone is frozen).
+            own gradient. Not with ``gradnorm`` (it weighs tasks by the gradients this scales, and would undo it),
+            nor for slice2d plugins (their backbone is frozen); not 0 for every head.
         num_folds: k of the stratified k-fold split; ``--fold K`` picks the validation fold.
         accumulate: gradient accumulation steps.
         ema_decay: 0 = off; otherwise an exponential moving average of the weights with this decay per step (timm's
@@ -201,6 +201,10 @@ class TrainingConfig:
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
                 raise ValueError(f"training.encoder_gradient.{head} must be a share in [0, 1] (0: stop-gradient, "
                                  f"1: joint training); got {share!r}")
+        if self.balancing == "gradnorm" and any(share != 1 for share in self.encoder_gradient.values()):
+            raise ValueError(f"balancing 'gradnorm' weighs tasks by their gradients on the shared encoder, which "
+                             f"training.encoder_gradient {self.encoder_gradient} scales (GradNorm would undo it): "
+                             f"use 'fixed' or 'uncertainty'")
 
 
 @dataclass

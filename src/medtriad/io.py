@@ -59,7 +59,8 @@ def _temp_path(path: Path, suffix: str) -> Path:
 
 
 def _replace_atomically(path: Path, suffix: str, write) -> None:
-    """Call ``write(temp_path)``, then move the temp file onto ``path``; remove the temp on any failure."""
+    """Call ``write(temp_path)``, then move the temp file onto ``path`` and flush the folder entry (so that the rename
+    itself survives a power cut); remove the temp on any failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_path(path, suffix)
     try:
@@ -68,6 +69,7 @@ def _replace_atomically(path: Path, suffix: str, write) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -261,8 +261,10 @@ def test_brats_grade_and_findings_plugins_from_one_config(brats2018, tmp_path):
     _, cases = load_dataset(dataset)
     case = cases[0]
     out = tmp_path / "pred"
-    assert main(["predict", "-m", str(run), "-i", *[str(case.image_files[i]) for i in range(4)], "-o", str(out),
-                 "--heatmaps", "-q"]) == 0
+    given = ["predict", "-m", str(run), "-i", *[str(case.image_files[i]) for i in range(4)], "-o", str(out), "-q"]
+    assert main(given) == 0
+    assert not list(out.glob("*heatmap*"))
+    assert main([*given, "--heatmaps"]) == 0  # a rerun asking for heatmaps predicts the case again, no --overwrite
     import nibabel as nib
     image = nib.load(case.image_files[0])
     for task in ("grade", "findings"):

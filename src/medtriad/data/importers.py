@@ -23,9 +23,10 @@ from medtriad.io import CaseFileError, atomic_copy, load_nifti, same_grid, save_
 
 __all__ = ["import_brats"]
 
-CHANNEL_NAMES = {0: "FLAIR", 1: "T1", 2: "T1ce", 3: "T2"}
-# File-name suffix of each channel: BraTS 2018-2021 names, then BraTS 2023 names.
-_MODALITIES = {0: ("flair", "t2f"), 1: ("t1", "t1n"), 2: ("t1ce", "t1c"), 3: ("t2", "t2w")}
+#: BraTS channels in the imported order (channel index = position) and each one's file-name suffixes: BraTS
+#: 2018-2021 names, then BraTS 2023 names (``medtriad predict`` finds a BraTS case's files by the same table)
+BRATS_CHANNELS = {"FLAIR": ("flair", "t2f"), "T1": ("t1", "t1n"), "T1ce": ("t1ce", "t1c"), "T2": ("t2", "t2w")}
+CHANNEL_NAMES = dict(enumerate(BRATS_CHANNELS))
 _GRADES = ("LGG", "HGG")
 
 
@@ -165,7 +166,7 @@ def import_brats(
     boxes, classes = {}, {}
     for case in tqdm(cases, desc=f"import {spec.name}", unit="case", disable=not progress):
         grid = None  # the first channel's (path, shape, affine): every channel and the label must share it
-        for channel, names in _MODALITIES.items():
+        for channel, names in enumerate(BRATS_CHANNELS.values()):
             path = _modality_file(case, names)
             if path is None:
                 expected = case.folder / f"{case.case_id}_{names[0]}.nii.gz"

@@ -5,9 +5,10 @@ INPUT may be a dataset folder in the project layout (``imagesTs/``, else ``image
 2021+ names, or bare ``flair.nii.gz`` ...), or the channel files of one case. A case that fails is reported with its
 reason and the others go on, leaving no outputs; the return value lists the failures so the caller can exit non-zero.
 ``num_parts`` / ``part_id`` shard the sorted case list (case i goes to part i mod num_parts); cases whose outputs all
-exist are skipped unless ``overwrite``. The table of the call is rewritten after every case, so an interrupted call
-keeps the rows of what it did, and a skipped case without a row (predicted by a shard, or by a call cut off between
-its files and its row) gets one read off its files.
+exist are skipped unless ``overwrite`` (with ``heatmaps``, a slice2d model's cases need their heatmaps too). The
+table of the call is rewritten after every case, so an interrupted call keeps the rows of what it did, and a skipped
+case without a row (predicted by a shard, or by a call cut off between its files and its row) gets one read off its
+files.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import nibabel as nib
 import torch
 from tqdm import tqdm
 
+from medtriad.data.importers import BRATS_CHANNELS
 from medtriad.inference.ensemble import EnsemblePredictor
-from medtriad.inference.writers import output_files, remove_outputs, row_from_files, write_prediction
+from medtriad.inference.writers import heatmap_file, output_files, remove_outputs, row_from_files, write_prediction
 from medtriad.io import CaseFileError, atomic_write_text
 
-# BraTS channel file suffixes in the model's channel order FLAIR, T1, T1ce, T2 (2018/2021 names, 2023 names)
-BRATS_SUFFIXES = {"FLAIR": ("flair", "t2f"), "T1": ("t1", "t1n"), "T1CE": ("t1ce", "t1c"), "T2": ("t2", "t2w")}
+# BraTS channel file suffixes by channel name in capitals (2018/2021 names, 2023 names), as the importer names them
+BRATS_SUFFIXES = {name.upper(): suffixes for name, suffixes in BRATS_CHANNELS.items()}
 
 
 @dataclass
@@ -121,7 +123,10 @@ def predict_folder(model: str | Path | list[str | Path], inputs: list[Path], out
     expected = {"segmentation": "seg", "detection": "boxes", "classification": "class"}
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         files = output_files(out, case.case_id)
-        if not overwrite and all(files[expected[h]].is_file() for h in spec.heads):
+        wanted = [files[expected[h]] for h in spec.heads]
+        if heatmaps and spec.encoder == "slice2d":  # a rerun asking for heatmaps predicts the cases without them
+            wanted += [heatmap_file(out, case.case_id, task) for task in spec.tasks]
+        if not overwrite and all(path.is_file() for path in wanted):
             if case.case_id not in merged:  # done by a shard or by a call cut off before its row: read its files
                 try:
                     merged[case.case_id] = row_from_files(files, case.case_id, spec.heads)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from medtriad.config import HEAD_NAMES as HEADS
@@ -89,7 +90,7 @@ class MultiTaskModel(nn.Module):
     supervision also ``"segmentation_deep"``, the coarser levels' logits); ``"classification"`` {task: logits (B, n)};
     ``"detection"`` losses (when ``det_targets`` is given) or boxes.
 
-    ``encoder_gradient`` (training only): head -> the share of that head's gradient that flows back into the shared
+    ``encoder_gradient`` (set by the trainer; it changes only gradients): head -> the share of that head's gradient that flows back into the shared
     encoder (1 for heads not named: joint training; 0: the head learns on the encoder's features without changing
     them, a stop-gradient). The forward values are the same either way.
     """
@@ -151,6 +152,19 @@ class MultiTaskModel(nn.Module):
         return out
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward (a view: no copy), gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 def scale_gradient(features: list[Tensor], scale: float) -> list[Tensor]:
     """``features`` unchanged in the forward pass, their gradient multiplied by ``scale`` in the backward pass
     (0: detached, 1: untouched)."""
@@ -158,7 +172,7 @@ def scale_gradient(features: list[Tensor], scale: float) -> list[Tensor]:
         return features
     if scale == 0.0:
         return [f.detach() for f in features]
-    return [f.detach() + scale * (f - f.detach()) for f in features]
+    return [_ScaleGradient.apply(f, scale) for f in features]
 
 
 def build_model(spec: ModelSpec, root: str | Path | None = None) -> nn.Module:

@@ -180,9 +180,19 @@ class Trainer:
         # timm-style model EMA: a copy whose weights trail the trained ones; it is what gets validated and saved
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.training.ema_decay),
                                  use_buffers=True) if cfg.training.ema_decay else None
+        # heads the model does not have (a recipe's single-task variant) drop out, as their loss weights do
+        self.encoder_gradient = {h: float(v) for h, v in cfg.training.encoder_gradient.items()
+                                 if h in self.model_spec.heads and v != 1}
+        if self.encoder_gradient and isinstance(self.model, PluginModel):
+            raise ValueError("training.encoder_gradient is for the 3D encoders; the slice2d backbone is frozen")
+        if len(self.encoder_gradient) == len(self.model_spec.heads) and not any(self.encoder_gradient.values()):
+            raise ValueError(f"training.encoder_gradient {self.encoder_gradient} stops every head's gradient: nothing "
+                             f"would train the encoder")
         if self.world > 1:  # gradients averaged across ranks by PyTorch's DistributedDataParallel
             self.network = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # a stop-gradient can leave encoder levels only a stopped head reads without a gradient
+                find_unused_parameters=0 in self.encoder_gradient.values())
         for s in self.train_samples:  # patches: volumes padded once to at least the patch size
             s.image = pad_to(s.image, cfg.data.patch_size)
             if s.regions is not None:
@@ -200,15 +210,6 @@ class Trainer:
                                             for t, v in self.model_spec.tasks.items()})
         tasks = self._loss_names()
         last = self.model.encoder.last_shared_layer()
-        # heads the model does not have (a recipe's single-task variant) drop out, as their loss weights do
-        self.encoder_gradient = {h: float(v) for h, v in cfg.training.encoder_gradient.items()
-                                 if h in self.model_spec.heads and v != 1}
-        if self.encoder_gradient and isinstance(self.model, PluginModel):
-            raise ValueError("training.encoder_gradient is for the 3D encoders; the slice2d backbone is frozen")
-        if cfg.training.balancing == "gradnorm" and 0 in self.encoder_gradient.values():
-            raise ValueError(f"balancing 'gradnorm' weighs tasks by their gradients on the shared encoder; with "
-                             f"training.encoder_gradient {self.encoder_gradient} a head has none: use 'fixed' or "
-                             f"'uncertainty'")
         if cfg.training.balancing == "gradnorm" and not any(p.requires_grad for p in last.parameters()):
             raise ValueError("balancing 'gradnorm' needs a trainable shared encoder; the slice2d backbone is frozen "
                              "(each plugin trains its own adapters): use 'fixed' or 'uncertainty'")
