@@ -17,16 +17,24 @@ shift $(( $# < 4 ? $# : 4 ))
 folds=("$@")
 [ ${#folds[@]} -gt 0 ] || folds=(0 1)
 mkdir -p "$out"
+size=(128 128 80)  # a BraTS volume at 2 mm; the Swin encoder needs multiples of 32
+[ "$config" != brats-swin ] || size=(96 96 96)
 run_fold() {
     rm -rf "$out/fold$1"  # a rerun measures afresh (training refuses a folder that holds a run)
-    OMP_NUM_THREADS=1 medtriad benchmark -c "$config" --input-size 128 128 80 -o "$out/fold$1" \
+    OMP_NUM_THREADS=1 medtriad benchmark -c "$config" --input-size "${size[@]}" -o "$out/fold$1" \
         --train "$dataset" --minutes "$minutes" --fold "$1" --set training.validate_every=1000 -q \
         > "$out/fold$1.log" 2>&1
 }
+failed=()
 for (( i = 0; i < ${#folds[@]}; i += 2 )); do
-    run_fold "${folds[i]}" &
-    if (( i + 1 < ${#folds[@]} )); then run_fold "${folds[i + 1]}" & fi
-    wait
+    pids=()
+    run_fold "${folds[i]}" & pids+=("$!:${folds[i]}")
+    if (( i + 1 < ${#folds[@]} )); then run_fold "${folds[i + 1]}" & pids+=("$!:${folds[i + 1]}"); fi
+    for p in "${pids[@]}"; do wait "${p%%:*}" || failed+=("${p#*:}"); done
 done
+if [ ${#failed[@]} -gt 0 ]; then  # pooling the others would hide it
+    echo "fold(s) ${failed[*]} failed; see $out/fold<K>.log" >&2
+    exit 1
+fi
 python "$(dirname "$0")/compare_folds.py" "$out"/fold*/benchmark.json -o "$out/folds.md"
 cat "$out/folds.md"

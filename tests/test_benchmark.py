@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from medtriad.benchmark import (
     VARIANTS,
+    _ratios,
     brats_model_spec,
     compare_folds,
     config_with_encoder,
@@ -167,11 +169,45 @@ def test_compare_folds_pools_means_spreads_and_differences():
         compare_folds([{"training": None, "models": {}}])
 
 
-def test_single_task_configs_keep_only_their_own_loss_weights():
-    config = Config.load("brats-cpu")  # fixed weights for segmentation, detection and class:grade
-    weights = {name: variant_config(config, heads).training.loss_weights for name, heads in VARIANTS.items()}
-    assert weights["multi"] == config.training.loss_weights
-    assert weights["seg"] == {"segmentation": 1.0} and weights["det"] == {"detection": 0.1}
-    assert weights["cls"] == {"class:grade": 0.02}
+def test_single_task_configs_train_their_one_head_at_full_weight():
+    """Each single-task variant keeps only its own tasks' weights, scaled so the largest is 1 (as the recipe's
+    single-task runs in docs/benchmarks.md were trained: detection 0.1 -> 1), and no stop-gradient (its one head
+    trains the encoder); the multi-task model keeps the recipe's weights and stop-gradients."""
+    config = Config.load("brats-cpu", {"training.encoder_gradient": {"detection": 0.0, "classification": 0.0}})
+    variants = {name: variant_config(config, heads).training for name, heads in VARIANTS.items()}
+    assert variants["multi"].loss_weights == config.training.loss_weights
+    assert variants["multi"].encoder_gradient == {"detection": 0.0, "classification": 0.0}
+    assert variants["seg"].loss_weights == {"segmentation": 1.0} and variants["det"].loss_weights == {"detection": 1.0}
+    assert variants["cls"].loss_weights == {"class:grade": 1.0}
+    assert all(variants[n].encoder_gradient == {} for n in ("seg", "det", "cls"))
+    two = Config.load("tiny", {"training.loss_weights": {"class:a": 0.02, "class:b": 0.01, "detection": 0.1}})
+    assert variant_config(two, ["classification"]).training.loss_weights == {"class:a": 1.0, "class:b": 0.5}
+    pair = variant_config(config, ["segmentation", "detection"]).training
+    assert pair.encoder_gradient == {"detection": 0.0} and pair.loss_weights == {"segmentation": 1.0, "detection": 0.1}
     assert variant_config(config, ["detection"]).model.heads == ("detection",)
     assert config.model.heads == ("segmentation", "detection", "classification")  # the original is untouched
+
+
+def test_training_is_refused_before_it_starts_when_a_head_or_the_input_size_cannot_work(synth_dataset, tmp_path):
+    data = tmp_path / "no-classes"
+    shutil.copytree(synth_dataset, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    del meta["medtriad"]["classification"]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    (data / "classes.csv").unlink()
+    with pytest.raises(ValueError, match="cannot train classification"):
+        run_benchmark(Config.load("tiny"), tmp_path / "a", dataset=data, minutes=1, memory=False, progress=False)
+    with pytest.raises(ValueError, match="--input-size"):
+        run_benchmark(Config.load("tiny"), tmp_path / "b", input_size=(30, 32, 32), dataset=synth_dataset, minutes=1,
+                      memory=False, progress=False)
+    assert not (tmp_path / "a" / "runs").exists() and not (tmp_path / "b" / "runs").exists()
+
+
+def test_single_task_memory_is_the_largest_activation_peak_not_a_sum():
+    def model(params, memory):
+        return {"params": params, "flops": 2 * params, "macs": params, "latency_ms": {"cpu": {"median": 1.0}},
+                "memory_mib": {"cpu": memory}}
+
+    total, ratio = _ratios({"multi": model(12, 100), "seg": model(10, 100), "det": model(8, 60), "cls": model(6, 40)})
+    assert total["params"] == 24 and ratio["params"] == pytest.approx(0.5)
+    assert total["memory_mib"] == {"cpu": 100} and ratio["memory"] == {"cpu": pytest.approx(1.0)}

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from medtriad.config import Config
+from medtriad.data.layout import load_dataset
 from medtriad.evaluation.evaluate import headline_metrics
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import DEFAULT_STRIDES, anchor_shapes_from_boxes
@@ -286,13 +287,37 @@ def measure_variants(specs: dict[str, ModelSpec], input_size: Sequence[int], dev
 
 # ---------------------------------------------------------------------------------------------------- training
 def variant_config(config: Config, heads: Sequence[str]) -> Config:
-    """``config`` for a model with only ``heads``: fixed loss weights of the other heads' tasks are dropped (a
-    single-task segmentation model keeps ``segmentation``'s weight; ``class:TASK`` weights go with classification)."""
+    """``config`` for a model with only ``heads``: fixed loss weights of the other heads' tasks are dropped
+    (``class:TASK`` weights go with classification), and a single-task model trains its head as the recipe's
+    single-task variants do: its weights scaled so that the largest is 1 (``detection 0.1`` -> 1; several
+    ``class:TASK`` weights keep their ratios) and no ``encoder_gradient`` (the one head is what trains the encoder)."""
     cfg = copy.deepcopy(config)
     cfg.model.heads = tuple(heads)
-
-    cfg.training.loss_weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if loss_head(k) in heads}
+    weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if loss_head(k) in heads}
+    if len(heads) == 1:
+        top = max(weights.values(), default=0)
+        weights = {k: v / top for k, v in weights.items()} if top > 0 else weights
+        cfg.training.encoder_gradient = {}
+    else:
+        cfg.training.encoder_gradient = {h: v for h, v in cfg.training.encoder_gradient.items() if h in heads}
+    cfg.training.loss_weights = weights
     return cfg
+
+
+def check_trainable(dataset: str | Path, config: Config, input_size: Sequence[int]) -> None:
+    """Before any training: the dataset has what every head needs (a class table for classification, boxes or a
+    detection region for detection) and the measured input suits the encoder, so that nothing fails after hours of
+    training."""
+    spec, cases = load_dataset(dataset)
+    lacking = []
+    if not spec.tasks:
+        lacking.append("classification (no medtriad.classification tasks in dataset.json)")
+    if spec.detection_region is None and not any(c.boxes for c in cases):
+        lacking.append("detection (no boxes file and no medtriad.detection.region)")
+    if lacking:
+        raise ValueError(f"{dataset}: the benchmark trains all three heads; the dataset cannot train "
+                         f"{'; '.join(lacking)}")
+    check_input_size(MultiTaskModel(brats_model_spec(config)), input_size, "--input-size")
 
 
 def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes: float, fold: int = 0,
@@ -308,7 +333,10 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
     for name in VARIANTS:  # before any training: not after an hour spent on the variants before it
         refuse_trained_run(Path(out) / "runs" / name)
     results: dict[str, dict[str, Any]] = {}
-    for name, heads in VARIANTS.items():
+    for i, (name, heads) in enumerate(VARIANTS.items()):
+        if progress:
+            print(f"benchmark: training {name} ({i + 1}/{len(VARIANTS)}, {minutes:g} min)", file=sys.stderr,
+                  flush=True)
         cfg = variant_config(config, heads)
         cfg.training.max_minutes = minutes
         run = Path(out) / "runs" / name
@@ -324,12 +352,14 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
 
 # ---------------------------------------------------------------------------------------------------- the report
 def _ratios(models: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(single-task sums, multi / sum) for params, FLOPs, MACs, latency and memory per device."""
+    """(single-task sums, multi / sum) for params, FLOPs, MACs, latency and memory per device. Memory is the
+    activations' peak of one forward pass: three models run one after another need the largest of theirs, not the
+    sum (their weights add up, in the params row), so its "sum" is the largest of the three."""
     singles = [models[n] for n in SINGLE]
     total: dict[str, Any] = {k: sum(m[k] for m in singles) for k in ("params", "flops", "macs")}
     total["latency_ms"] = {d: {"median": sum(m["latency_ms"][d]["median"] for m in singles)}
                            for d in models["multi"]["latency_ms"]}
-    total["memory_mib"] = {d: sum(m["memory_mib"][d] for m in singles) for d in models["multi"]["memory_mib"]}
+    total["memory_mib"] = {d: max(m["memory_mib"][d] for m in singles) for d in models["multi"]["memory_mib"]}
     multi = models["multi"]
     ratio: dict[str, Any] = {k: multi[k] / total[k] if total[k] else math.nan for k in ("params", "flops", "macs")}
     ratio["latency"] = {d: multi["latency_ms"][d]["median"] / total["latency_ms"][d]["median"]
@@ -361,6 +391,7 @@ def run_benchmark(config: Config, out: str | Path, input_size: Sequence[int] | N
     if dataset is not None:
         if minutes <= 0:
             raise ValueError(f"--train needs a positive --minutes budget, got {minutes}")
+        check_trainable(dataset, config, input_size)
         training = train_variants(dataset, config, out, minutes, fold, device, progress)
         specs = {name: ModelSpec.load(Path(t["run"]) / "model.json") for name, t in training.items()}
     else:
@@ -436,7 +467,8 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"Input 1 x {report['in_channels']} x {size}; {machine}. Latency: median of {runs['repeats']} "
              f"inference-mode runs (interleaved over the models) after {runs['warmup']} warm-up runs, detection "
              "post-processing included. FLOPs: torch.utils.flop_counter (convolutions and matmuls, 2 per MAC). "
-             "CPU peak mem: peak-RSS growth of one forward pass in a fresh process.", ""]
+             "CPU peak mem: peak-RSS growth of one forward pass in a fresh process (activations); for the "
+             "single-task models run one after another it is the largest of the three, not a sum.", ""]
     if report.get("training"):
         t = report["training"]
         lines += [f"Training: each model {t['minutes']} min on {t['dataset']} (fold {t['fold']}); metrics from the "
