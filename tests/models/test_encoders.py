@@ -77,6 +77,25 @@ def test_last_shared_layer_is_a_trainable_submodule(name):
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) > 0
 
 
+@pytest.mark.parametrize("name", list_encoders())
+def test_last_shared_layer_of_a_level_is_upstream_of_it_and_every_deeper_level(name):
+    """``last_shared_layer(k)``: the feature maps of level k and of every deeper level get a gradient through it,
+    and it is the deepest such module (level k - 1 does not depend on it)."""
+    encoder = small_encoder(name)
+    features = encoder(small_input(encoder))
+    for level in range(len(features)):
+        try:
+            layer = encoder.last_shared_layer(level)
+        except ValueError:  # no module shared with this level (swin's first level reads the input itself)
+            assert level == 0
+            continue
+        params = [p for p in layer.parameters() if p.requires_grad]
+        for k in range(len(features)):
+            grads = torch.autograd.grad(features[k].sum(), params, retain_graph=True, allow_unused=True)
+            reaches = any(g is not None and g.abs().sum() > 0 for g in grads)
+            assert reaches == (k >= level), (level, k)
+
+
 def test_unknown_name_lists_known_encoders():
     with pytest.raises(ValueError, match="resenc.*swin"):
         create_encoder("no-such-encoder", 4)

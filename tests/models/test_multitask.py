@@ -57,6 +57,26 @@ def test_any_subset_of_heads_builds_trains_and_predicts(heads):
         assert len(out["detection"]) == 2 and out["detection"][0]["boxes"].shape[1] == 6
 
 
+@pytest.mark.parametrize("encoder", ["swin", "resenc"])
+def test_every_head_reaches_the_shared_layer_gradnorm_measures(encoder):
+    """The detection pyramid (strides 4-16) does not reach a stride-32 Swin encoder's deepest block: GradNorm's
+    shared layer is the deepest module every head's gradient passes through, so no task's norm is always 0."""
+    torch.manual_seed(0)
+    model = MultiTaskModel(spec(HEADS, encoder))
+    size = 2 * model.size_divisible
+    out = model(torch.randn(1, 4, size, size, size),
+                det_targets=[{"boxes": torch.tensor([[4.0, 5, 6, 20, 22, 18]]), "labels": torch.zeros(1).long()}])
+    losses = {"segmentation": out["segmentation"].mean(), "detection": sum(out["detection"].values()),
+              "classification": sum(v.mean() for v in out["classification"].values())}
+    params = list(model.last_shared_layer().parameters())
+    for head, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), head
+    if encoder == "swin":
+        assert model.deepest_levels()["detection"] < len(model.encoder.feature_info) - 1
+        assert model.last_shared_layer() is model.encoder.swin.layers3
+
+
 def test_encoder_runs_once_per_forward():
     model = MultiTaskModel(spec(HEADS))
     calls = []

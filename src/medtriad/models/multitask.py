@@ -126,6 +126,17 @@ class MultiTaskModel(nn.Module):
     def size_divisible(self) -> int:
         return self.encoder.size_divisible
 
+    def deepest_levels(self) -> dict[str, int]:
+        """Per head, the deepest encoder level (index into ``feature_info``) it reads."""
+        deepest = len(self.encoder.feature_info) - 1  # the decoder starts there; the pooling reads it
+        return {name: max(head.levels) if name == "detection" else deepest for name, head in self.heads.items()}
+
+    def last_shared_layer(self) -> nn.Module:
+        """The deepest encoder module every head's gradient passes through (GradNorm's shared layer): the one of the
+        shallowest of the heads' deepest levels (a detection pyramid on strides 4-16 of a stride-32 Swin encoder
+        never reaches the deepest block)."""
+        return self.encoder.last_shared_layer(min(self.deepest_levels().values()))
+
     def forward(self, x: Tensor, det_targets: list[dict[str, Tensor]] | None = None,
                 encoder_gradient: Mapping[str, float] | None = None) -> dict[str, Any]:
         features = self.encoder(x)

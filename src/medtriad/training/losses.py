@@ -211,6 +211,9 @@ class GradNorm(LossBalancer):
         grad_norms = []
         for t in present:
             grads = torch.autograd.grad(losses[t], self.shared_parameters, retain_graph=True, allow_unused=True)
+            if all(g is None for g in grads):
+                raise RuntimeError(f"GradNorm: task {t!r} has no gradient on the shared layer, so its weight could not "
+                                   f"be balanced; the shared layer must be one every task's loss passes through")
             squares = [(g.detach().float() ** 2).sum() for g in grads if g is not None]
             grad_norms.append(torch.sqrt(sum(squares, self.task_weights.new_zeros(()))))
         # G_i = w_i * ||dL_i/dW||: w_i factors out, so no second-order graph is needed.

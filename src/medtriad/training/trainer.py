@@ -65,7 +65,14 @@ from medtriad.models.heads.detection import DEFAULT_STRIDES, anchor_shapes_from_
 from medtriad.models.anymc3d import PluginConfig, PluginModel, aux_segmentation_loss, save_plugin
 from medtriad.models.encoders.slice2d import save_hf_vit
 from medtriad.models.memory_format import channels_last_for_training
-from medtriad.models.multitask import ModelSpec, build_model, check_input_size, load_model_weights, model_weights
+from medtriad.models.multitask import (
+    ModelSpec,
+    MultiTaskModel,
+    build_model,
+    check_input_size,
+    load_model_weights,
+    model_weights,
+)
 from medtriad.precision import autocast, autocast_dtype
 from medtriad.training.losses import ClassificationLoss, build_balancer, deep_supervision_loss, loss_head
 from medtriad.training.distributed import (average_gradients, broadcast, broadcast_module, gather,
@@ -209,7 +216,8 @@ class Trainer:
         self.cls_loss = ClassificationLoss({t: (v["kind"], ModelSpec.task_outputs(v))
                                             for t, v in self.model_spec.tasks.items()})
         tasks = self._loss_names()
-        last = self.model.encoder.last_shared_layer()
+        last = (self.model.last_shared_layer() if isinstance(self.model, MultiTaskModel)
+                else self.model.encoder.last_shared_layer())
         if cfg.training.balancing == "gradnorm" and not any(p.requires_grad for p in last.parameters()):
             raise ValueError("balancing 'gradnorm' needs a trainable shared encoder; the slice2d backbone is frozen "
                              "(each plugin trains its own adapters): use 'fixed' or 'uncertainty'")

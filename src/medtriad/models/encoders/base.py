@@ -50,8 +50,11 @@ class Encoder(nn.Module):
     def forward_features(self, x: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
-    def last_shared_layer(self) -> nn.Module:
-        """The module whose parameters GradNorm measures per-task gradient norms on (the deepest block)."""
+    def last_shared_layer(self, level: int = -1) -> nn.Module:
+        """The deepest module that the feature maps of ``level`` (an index into ``feature_info``) and of every deeper
+        level all depend on: a head that reads ``level`` or a deeper one sends its gradient through it. GradNorm
+        measures per-task gradient norms on its parameters, for the shallowest of the heads' deepest levels
+        (:meth:`medtriad.models.multitask.MultiTaskModel.last_shared_layer`)."""
         raise NotImplementedError
 
 

@@ -40,5 +40,5 @@ class WithRadialCoordinate(Encoder):
         radial = radial_map(tuple(x.shape[2:]), x.device, x.dtype).expand(x.shape[0], 1, *x.shape[2:])
         return self.encoder(torch.cat([x, radial], dim=1))
 
-    def last_shared_layer(self) -> nn.Module:
-        return self.encoder.last_shared_layer()
+    def last_shared_layer(self, level: int = -1) -> nn.Module:
+        return self.encoder.last_shared_layer(level)

@@ -83,5 +83,5 @@ class ResEncEncoder(Encoder):
             features.append(x)
         return features
 
-    def last_shared_layer(self) -> nn.Module:
-        return self.stages[-1]
+    def last_shared_layer(self, level: int = -1) -> nn.Module:
+        return self.stages[level]  # every deeper stage reads this one's output

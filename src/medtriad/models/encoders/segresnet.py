@@ -69,5 +69,5 @@ class SegResNetEncoder(Encoder):
             features.append(norm(x))  # the next stage reads the raw map, as in SegResNet
         return features
 
-    def last_shared_layer(self) -> nn.Module:
-        return self.down_layers[-1]
+    def last_shared_layer(self, level: int = -1) -> nn.Module:
+        return self.down_layers[level]  # the next stage reads its raw output

@@ -472,7 +472,7 @@ class Slice2DEncoder(Encoder):
         patches = self.encode_slices(x, self.axis)["patches"]  # (B, S, h, w, D)
         return [patches.permute(0, 4, 1, 2, 3).movedim(2, 2 + self.axis)]
 
-    def last_shared_layer(self) -> nn.Module:
-        """The last block. Frozen, so GradNorm has no shared gradient to balance on this encoder."""
+    def last_shared_layer(self, level: int = -1) -> nn.Module:
+        """The last block (one level). Frozen, so GradNorm has no shared gradient to balance on this encoder."""
         return self.vit.blocks[-1]
 

@@ -95,5 +95,12 @@ class SwinEncoder(Encoder):
             self.encoder10(hidden[4]),
         ]
 
-    def last_shared_layer(self) -> nn.Module:
-        return self.encoder10
+    def last_shared_layer(self, level: int = -1) -> nn.Module:
+        level = range(len(self.feature_info))[level]
+        if level == 0:
+            raise ValueError("swin's first level reads the input itself (encoder1): no module is shared with it")
+        if level == len(self.feature_info) - 1:  # the deepest map alone: its own block
+            return self.encoder10
+        # level k >= 1 reads the transformer's hidden state k - 1 (the patch embedding, then its stages), which
+        # every deeper level reads through the next stages
+        return [self.swin.patch_embed, self.swin.layers1, self.swin.layers2, self.swin.layers3][level - 1]
