@@ -182,6 +182,7 @@ def test_classes_csv_tolerates_padded_headers_and_empty_trailing_rows(tmp_path):
     ({"voxel": [2, 0, 0, 2, 4, 4], "world": [0, 0, 0, 1, 1, 1]}, "is empty"),
     ({"voxel": [0, 0, 0, 4, 4, 4], "world": [0, 0, 0, 1, 1, 1], "label": True}, "must be integers"),
     ({"voxel": [0, 0, 0, 4, 4, 4], "world": [0, 0, 0, 1, 1, 1], "label": None}, "must be integers"),
+    ({"voxel": [0, 0, 0, 4, 4, 4], "world": [0, 0, 0, 1, 1, 1], "label": 2}, "one object class"),
 ])
 def test_boxes_json_refuses_boxes_that_would_train_wrongly(tmp_path, entry, match):
     """Python's json reads NaN and Infinity; a NaN edge became index INT64_MIN when the box was painted, and a box

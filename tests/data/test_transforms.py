@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from medtriad.data.boxes import boxes_from_instances
-from medtriad.data.layout import DatasetSpec, load_dataset
+from medtriad.data.boxes import boxes_from_instances, boxes_from_mask, voxel_box_to_world
+from medtriad.data.layout import Box, DatasetSpec, load_dataset, write_boxes_json
 from medtriad.data.transforms import PlainCompose, intensity_transforms, load_sample, training_transforms
 from medtriad.io import save_nifti
 
@@ -188,3 +188,26 @@ def test_instances_resample_onto_the_regions_voxels(tmp_path, affine):
         assert sample.instances.shape == sample.regions.shape[1:] == (10, 10, 10)
         assert torch.equal(sample.instances > 0, sample.regions[0] > 0), case.case_id
         assert len(boxes_from_instances(sample.instances)) == 2
+
+
+def test_the_boxes_file_is_the_training_truth_when_it_differs_from_the_mask(tmp_path):
+    """Evaluation scores against boxes.json: training takes its boxes from the same file. Where the file holds the
+    mask's components (as the importers write it) the components move with the patch, as without a file; where a
+    user's box differs from them (here one hand-drawn box around both lesions) the training boxes are the file's."""
+    spec = DatasetSpec(root=tmp_path, name="Boxes", channel_names={0: "T1"}, labels={"background": 0, "tumour": 1},
+                       regions={"WT": (1,)}, tasks={}, detection_region="WT", min_box_volume_mm3=0.0)
+    spec.save()
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[1:4, 1:5, 2:6] = 1
+    label[7:10, 6:11, 5:9] = 1
+    for case in ("same", "user"):
+        save_nifti(spec.image_file(case, 0), np.ones(label.shape, np.float32), np.eye(4))
+        save_nifti(spec.label_file(case), label, np.eye(4))
+    user = Box((1, 1, 2, 10, 11, 9), tuple(voxel_box_to_world(np.array([1, 1, 2, 10, 11, 9.0]), np.eye(4))), 0)
+    write_boxes_json(tmp_path / "boxes.json", {"same": boxes_from_mask(label, np.eye(4), 0.0), "user": [user]})
+    _, cases = load_dataset(tmp_path)
+    same, hand = (load_sample(c, spec, (1.0, 1.0, 1.0)) for c in cases)
+    assert torch.equal(same.instances > 0, same.regions[0] > 0)  # the components, not their boxes
+    assert len(boxes_from_instances(same.instances)) == 2
+    np.testing.assert_array_equal(boxes_from_instances(hand.instances), [[1, 1, 2, 10, 11, 9]])
+    assert int((hand.instances > 0).sum()) == 9 * 10 * 7

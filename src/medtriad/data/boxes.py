@@ -154,6 +154,21 @@ def centre_index_ranges(boxes_voxel: np.ndarray, shape: Sequence[int] | None = N
     return starts.astype(int), stops.astype(int)
 
 
+def same_boxes(a: np.ndarray, b: np.ndarray, tolerance: float = 1.0) -> bool:
+    """Whether two sets of voxel boxes (N, 6) are the same boxes in any order, every edge within ``tolerance``
+    voxels (a boxes file's rounding)."""
+    a, b = (np.asarray(x, dtype=np.float64).reshape(-1, 6) for x in (a, b))
+    if len(a) != len(b):
+        return False
+    unmatched = list(range(len(b)))
+    for box in a:
+        match = next((j for j in unmatched if np.all(np.abs(box - b[j]) <= tolerance)), None)
+        if match is None:
+            return False
+        unmatched.remove(match)
+    return True
+
+
 def instances_from_boxes(shape: tuple[int, int, int], boxes_voxel: np.ndarray) -> np.ndarray:
     """Paint voxel boxes (N, 6) into an instance map of ``shape``: box i gets id i + 1.
 

@@ -488,6 +488,9 @@ def read_boxes_json(path: str | os.PathLike) -> dict[str, list[Box]]:
                 label, volume = entry.get("label", 0), entry.get("volume_voxels")
                 if not _integer(label) or not (volume is None or _integer(volume)):
                     raise ValueError(f"label and volume_voxels must be integers, got {label!r}, {volume!r}")
+                if label != 0:  # the detection head has one object class
+                    raise ValueError(f"label {label}: medtriad detects one object class, label 0 (several box "
+                                     f"classes are not supported yet)")
                 box = Box(entry["voxel"], entry["world"], label, volume)
                 if any(box.voxel[i] >= box.voxel[i + 3] for i in range(3)):  # it would mark no voxel in training
                     raise ValueError(f"voxel box {list(box.voxel)} is empty: needs x0 < x1, y0 < y1 and z0 < z1")

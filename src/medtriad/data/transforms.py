@@ -44,7 +44,7 @@ from monai.transforms import (
 from monai.utils import MAX_SEED
 
 from medtriad.config import INTENSITY_AUGMENTATIONS
-from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask
+from medtriad.data.boxes import boxes_from_instances, instances_from_boxes, instances_from_mask, same_boxes
 from medtriad.data.layout import Case, DatasetSpec
 from medtriad.io import CaseFileError, load_nifti, same_grid
 
@@ -231,7 +231,9 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
                                         "nearest-exact")[0]
     if case.boxes is not None:
         sample.boxes = np.array([b.voxel for b in case.boxes], dtype=np.float32).reshape(-1, 6)
-        if sample.instances is None:
+        # the file's boxes are the detection truth (evaluation scores against them): training moves the mask's
+        # components with the patch when they are those boxes (as the importers write them), else the boxes
+        if sample.instances is None or not same_boxes(boxes_from_instances(instances), sample.boxes):
             instances = instances_from_boxes(geometry.shape, sample.boxes)
             sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape,
                                         "nearest-exact")[0]
