@@ -152,7 +152,8 @@ class TrainingConfig:
     """The optimisation recipe.
 
     Args:
-        epochs: number of epochs; each runs ``iterations_per_epoch`` steps then validates.
+        epochs: number of epochs; each runs ``iterations_per_epoch`` steps, and every ``validate_every``-th (and the
+            last) then validates.
         max_minutes: stop (after the current epoch's validation) once this much wall time has passed; 0 = no limit.
         balancing: ``fixed``, ``uncertainty`` (Kendall et al. 2018) or ``gradnorm`` (Chen et al. 2018).
         loss_weights: task -> weight for ``fixed`` (missing tasks weigh 1).
