@@ -161,7 +161,8 @@ class TrainingConfig:
             named: 1, joint training). ``{detection: 0, classification: 0}``: only segmentation shapes the encoder
             and the other heads learn on its features (a stop-gradient); the loss weights still scale each head's
             own gradient. Not with ``gradnorm`` (it weighs tasks by the gradients this scales, and would undo it),
-            nor for slice2d plugins (their backbone is frozen); not 0 for every head.
+            nor for slice2d plugins (their backbone is frozen); not 0 for every head of a model with several. A
+            model with one head (a recipe's single-task variant) ignores it: its head trains the encoder.
         num_folds: k of the stratified k-fold split; ``--fold K`` picks the validation fold.
         accumulate: gradient accumulation steps.
         ema_decay: 0 = off; otherwise an exponential moving average of the weights with this decay per step (timm's

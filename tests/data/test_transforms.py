@@ -56,6 +56,32 @@ def test_rotation_planes_set_which_orientations_a_patch_takes():
         training_transforms((24, 24, 16), 1.0, 0.0, rotation_planes=[(0, 2)])
 
 
+def test_boxes_follow_the_mask_through_crops_flips_rotations_and_zoom():
+    """Box-aware augmentation: after every draw (crop, flips, 90-degree turns in all planes, zoom) the instance map
+    covers exactly the whole-tumour mask, and each patch box is the tight box of its lesion's voxels."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(gaussian_filter(rng.random((40, 40, 40)), 2.5) > 0.53)  # irregular lesions
+    instances = torch.zeros(mask.shape, dtype=torch.int32)
+    instances[:20][mask[:20]], instances[20:][mask[20:]] = 1, 2  # two lesion ids (split at x = 20)
+    data = {"image": mask[None].float(), "regions": mask[None].float(), "instances": instances[None],
+            "foreground": mask[None].float()}
+    transforms = training_transforms((24, 24, 24), foreground_ratio=1.0, zoom_prob=1.0,
+                                     rotation_planes=[(0, 1), (0, 2), (1, 2)])
+    seen = 0
+    for seed in range(16):
+        transforms.set_random_state(seed=seed)
+        out = transforms(dict(data))[0]
+        ids, regions = torch.as_tensor(out["instances"])[0], torch.as_tensor(out["regions"])[0] > 0
+        assert torch.equal(ids > 0, regions), seed
+        for box, lesion in zip(boxes_from_instances(ids), [i for i in (1, 2) if (ids == i).any()]):
+            where = torch.nonzero(ids == lesion)
+            np.testing.assert_array_equal(box, [*where.min(0).values.tolist(), *(where.max(0).values + 1).tolist()])
+            seen += 1
+    assert seen >= 16
+
+
 def test_patches_are_plain_tensors_and_metadata_tracking_is_restored():
     """Training patches come out as plain tensors (a MetaTensor batch routes every layer of the forward pass through
     MONAI's ``__torch_function__``), with the same draws as MONAI's own Compose, and MONAI's global tracking switch

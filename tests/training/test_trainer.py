@@ -504,6 +504,11 @@ def test_a_stop_gradient_leaves_the_shared_encoder_to_segmentation(synth_dataset
         "training.encoder_gradient": {"detection": 0.0}}), tmp_path / "single", progress=False)
     single.prepare()
     assert single.encoder_gradient == {}
+    detection_only = Trainer(synth_dataset, Config.load("tiny", {
+        **TINY, "model.heads": ["detection"], "training.loss_weights": {"detection": 1.0},
+        "training.encoder_gradient": {"detection": 0.0, "classification": 0.0}}), tmp_path / "det", progress=False)
+    detection_only.prepare()  # the recipe's own setting: its one head trains the encoder
+    assert detection_only.encoder_gradient == {}
     none = Trainer(synth_dataset, Config.load("tiny", {
         **TINY, "model.heads": ["segmentation", "detection"], "training.loss_weights": {"segmentation": 1.0},
         "training.encoder_gradient": {"segmentation": 0.0, "detection": 0.0}}), tmp_path / "none", progress=False)

@@ -187,9 +187,10 @@ class Trainer:
         # timm-style model EMA: a copy whose weights trail the trained ones; it is what gets validated and saved
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.training.ema_decay),
                                  use_buffers=True) if cfg.training.ema_decay else None
-        # heads the model does not have (a recipe's single-task variant) drop out, as their loss weights do
+        # heads the model does not have drop out, as their loss weights do; a model with one head (a recipe's
+        # single-task variant) trains the encoder with it: a stop-gradient is between heads
         self.encoder_gradient = {h: float(v) for h, v in cfg.training.encoder_gradient.items()
-                                 if h in self.model_spec.heads and v != 1}
+                                 if h in self.model_spec.heads and v != 1 and len(self.model_spec.heads) > 1}
         if self.encoder_gradient and isinstance(self.model, PluginModel):
             raise ValueError("training.encoder_gradient is for the 3D encoders; the slice2d backbone is frozen")
         if len(self.encoder_gradient) == len(self.model_spec.heads) and not any(self.encoder_gradient.values()):
