@@ -182,6 +182,9 @@ def test_single_task_configs_train_their_one_head_at_full_weight():
     assert all(variants[n].encoder_gradient == {} for n in ("seg", "det", "cls"))
     two = Config.load("tiny", {"training.loss_weights": {"class:a": 0.02, "class:b": 0.01, "detection": 0.1}})
     assert variant_config(two, ["classification"]).training.loss_weights == {"class:a": 1.0, "class:b": 0.5}
+    # a task of the dataset the recipe does not name weighs 1 in the multi-task model: its ratio to the others stays
+    assert variant_config(two, ["classification"], ["a", "b", "c"]).training.loss_weights == {
+        "class:a": 0.02, "class:b": 0.01, "class:c": 1.0}
     pair = variant_config(config, ["segmentation", "detection"]).training
     assert pair.encoder_gradient == {"detection": 0.0} and pair.loss_weights == {"segmentation": 1.0, "detection": 0.1}
     assert variant_config(config, ["detection"]).model.heads == ("detection",)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from medtriad.config import Config
+from medtriad.data.importers import BRATS_CHANNELS
 from medtriad.data.layout import load_dataset
 from medtriad.evaluation.evaluate import headline_metrics
 from medtriad.io import atomic_write_text, write_json
@@ -54,7 +55,6 @@ VARIANTS: dict[str, list[str]] = {
 SINGLE = ("seg", "det", "cls")
 _SHORT = {"segmentation": "seg", "detection": "det", "classification": "cls"}
 
-BRATS_CHANNELS = ["flair", "t1", "t1ce", "t2"]
 BRATS_LABELS = {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing_tumor": 4}
 BRATS_REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
 BRATS_TASKS = {"grade": {"kind": "binary", "classes": ["LGG", "HGG"]}}
@@ -79,7 +79,7 @@ def brats_model_spec(config: Config, encoder: str | None = None,
     detection.setdefault("nms_threshold", config.inference.nms_threshold)
     detection.setdefault("max_detections", config.inference.max_detections)
     return ModelSpec(
-        encoder=config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),
+        encoder=config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),  # as imported
         heads=list(VARIANTS["multi"]), spacing=list(config.data.spacing),
         encoder_kwargs=dict(config.model.encoder_kwargs),
         regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),
@@ -286,14 +286,18 @@ def measure_variants(specs: dict[str, ModelSpec], input_size: Sequence[int], dev
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def variant_config(config: Config, heads: Sequence[str]) -> Config:
+def variant_config(config: Config, heads: Sequence[str], tasks: Sequence[str] = ()) -> Config:
     """``config`` for a model with only ``heads``: fixed loss weights of the other heads' tasks are dropped
     (``class:TASK`` weights go with classification), and a single-task model trains its head as the recipe's
     single-task variants do: its weights scaled so that the largest is 1 (``detection 0.1`` -> 1; several
-    ``class:TASK`` weights keep their ratios) and no ``encoder_gradient`` (the one head is what trains the encoder)."""
+    ``class:TASK`` weights keep their ratios, those of ``tasks``, the dataset's classification tasks, that the recipe
+    does not name counting as the 1 they weigh) and no ``encoder_gradient`` (the one head trains the encoder)."""
     cfg = copy.deepcopy(config)
     cfg.model.heads = tuple(heads)
     weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if loss_head(k) in heads}
+    if len(heads) == 1 and cfg.training.balancing == "fixed" and cfg.training.loss_weights:
+        names = [f"class:{t}" for t in tasks] if heads[0] == "classification" else [heads[0]]
+        weights = {**{n: 1.0 for n in names}, **weights}  # the weight an unnamed task has
     if len(heads) == 1:
         top = max(weights.values(), default=0)
         weights = {k: v / top for k, v in weights.items()} if top > 0 else weights
@@ -333,11 +337,12 @@ def train_variants(dataset: str | Path, config: Config, out: str | Path, minutes
     for name in VARIANTS:  # before any training: not after an hour spent on the variants before it
         refuse_trained_run(Path(out) / "runs" / name)
     results: dict[str, dict[str, Any]] = {}
+    tasks = list(load_dataset(dataset)[0].tasks)
     for i, (name, heads) in enumerate(VARIANTS.items()):
         if progress:
             print(f"benchmark: training {name} ({i + 1}/{len(VARIANTS)}, {minutes:g} min)", file=sys.stderr,
                   flush=True)
-        cfg = variant_config(config, heads)
+        cfg = variant_config(config, heads, tasks)
         cfg.training.max_minutes = minutes
         run = Path(out) / "runs" / name
         start = time.monotonic()

@@ -502,5 +502,8 @@ def read_boxes_json(path: str | os.PathLike) -> dict[str, list[Box]]:
 
 
 def write_boxes_json(path: str | os.PathLike, boxes: dict[str, list[Box]]) -> None:
-    """Write {case: [Box, ...]} as boxes.json (cases sorted, atomic)."""
+    """Write {case: [Box, ...]} as boxes.json (cases sorted, atomic); only label 0 (see :func:`read_boxes_json`)."""
+    labels = sorted({b.label for entries in boxes.values() for b in entries} - {0})
+    if labels:
+        raise ValueError(f"box labels {labels}: medtriad detects one object class, label 0")
     write_json(path, {case_id: [box.to_json() for box in boxes[case_id]] for case_id in sorted(boxes)})
