@@ -79,7 +79,7 @@ def brats_model_spec(config: Config, encoder: str | None = None,
     detection.setdefault("nms_threshold", config.inference.nms_threshold)
     detection.setdefault("max_detections", config.inference.max_detections)
     return ModelSpec(
-        encoder=config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),  # as imported
+        encoder=config.model.encoder, in_channels=len(BRATS_CHANNELS), channel_names=list(BRATS_CHANNELS),
         heads=list(VARIANTS["multi"]), spacing=list(config.data.spacing),
         encoder_kwargs=dict(config.model.encoder_kwargs),
         regions=copy.deepcopy(BRATS_REGIONS), labels=dict(BRATS_LABELS), tasks=copy.deepcopy(BRATS_TASKS),

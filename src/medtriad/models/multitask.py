@@ -90,9 +90,9 @@ class MultiTaskModel(nn.Module):
     supervision also ``"segmentation_deep"``, the coarser levels' logits); ``"classification"`` {task: logits (B, n)};
     ``"detection"`` losses (when ``det_targets`` is given) or boxes.
 
-    ``encoder_gradient`` (set by the trainer; it changes only gradients): head -> the share of that head's gradient that flows back into the shared
-    encoder (1 for heads not named: joint training; 0: the head learns on the encoder's features without changing
-    them, a stop-gradient). The forward values are the same either way.
+    ``encoder_gradient`` (set by the trainer; it changes only gradients): head -> the share of that head's gradient
+    that flows back into the shared encoder (1 for heads not named: joint training; 0: the head learns on the
+    encoder's features without changing them, a stop-gradient). The forward values are the same either way.
     """
 
     def __init__(self, spec: ModelSpec):
