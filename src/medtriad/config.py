@@ -304,6 +304,12 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
+    def __post_init__(self) -> None:
+        # checked when the config is read, not after a dataset has been loaded for training
+        if self.model.encoder == "slice2d" and any(v != 1 for v in self.training.encoder_gradient.values()):
+            raise ValueError("training.encoder_gradient is for the 3D encoders; the slice2d backbone is frozen (each "
+                             "plugin trains its own adapters)")
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 

@@ -523,3 +523,6 @@ def test_encoder_gradient_settings_are_checked():
         Config.load("tiny", {"training.encoder_gradient": {"detection": 1.5}})
     with pytest.raises(ValueError, match="gradnorm"):  # GradNorm would undo the share
         Config.load("tiny", {"training.balancing": "gradnorm", "training.encoder_gradient": {"detection": 0.5}})
+    with pytest.raises(ValueError, match="slice2d backbone is frozen"):  # when read, before any case is loaded
+        Config.load("tiny", {"model.encoder": "slice2d", "model.heads": ["classification"],
+                             "training.encoder_gradient": {"classification": 0.5}})
