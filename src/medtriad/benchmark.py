@@ -295,10 +295,10 @@ def variant_config(config: Config, heads: Sequence[str], tasks: Sequence[str] = 
     cfg = copy.deepcopy(config)
     cfg.model.heads = tuple(heads)
     weights = {k: v for k, v in (cfg.training.loss_weights or {}).items() if loss_head(k) in heads}
-    if len(heads) == 1 and cfg.training.balancing == "fixed" and cfg.training.loss_weights:
-        names = [f"class:{t}" for t in tasks] if heads[0] == "classification" else [heads[0]]
-        weights = {**{n: 1.0 for n in names}, **weights}  # the weight an unnamed task has
     if len(heads) == 1:
+        if cfg.training.balancing == "fixed" and cfg.training.loss_weights:
+            names = [f"class:{t}" for t in tasks] if heads[0] == "classification" else [heads[0]]
+            weights = {**{n: 1.0 for n in names}, **weights}  # the weight an unnamed task has
         top = max(weights.values(), default=0)
         weights = {k: v / top for k, v in weights.items()} if top > 0 else weights
         cfg.training.encoder_gradient = {}

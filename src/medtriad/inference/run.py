@@ -40,11 +40,16 @@ class InputCase:
     folder: Path  # where its files are (or were expected)
 
 
+def _suffixes(channel: str) -> tuple[str, ...]:
+    """The file-name suffixes a channel's file may end in: BraTS's names for a BraTS channel, else its own name."""
+    return BRATS_SUFFIXES.get(channel.upper(), (channel.lower(),))
+
+
 def _brats_files(folder: Path, channel_names: list[str]) -> list[Path | None]:
     files: list[Path | None] = []
     for name in channel_names:
         found = None
-        for suffix in BRATS_SUFFIXES.get(name.upper(), (name.lower(),)):
+        for suffix in _suffixes(name):
             hits = [p for p in folder.iterdir() if re.search(rf"(^|[_-]){suffix}\.nii(\.gz)?$", p.name, re.I)]
             if hits:
                 found = hits[0]
@@ -56,7 +61,7 @@ def _brats_files(folder: Path, channel_names: list[str]) -> list[Path | None]:
 def _channel_stem(name: str, channel_names: list[str]) -> bool:
     """Whether a file name is a bare channel name (``flair.nii.gz``, ``t1c.nii``), which names no case."""
     stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.I).lower()
-    return any(stem in BRATS_SUFFIXES.get(c.upper(), (c.lower(),)) for c in channel_names)
+    return any(stem in _suffixes(c) for c in channel_names)
 
 
 def _numbered_cases(images: Path, n: int) -> list[InputCase]:
