@@ -236,3 +236,14 @@ def test_the_boxes_file_is_the_training_truth_when_it_differs_from_the_mask(tmp_
     assert len(boxes_from_instances(same.instances)) == 2
     np.testing.assert_array_equal(boxes_from_instances(hand.instances), [[1, 1, 2, 10, 11, 9]])
     assert int((hand.instances > 0).sum()) == 9 * 10 * 7
+
+
+def test_imported_brats_boxes_are_the_mask_components_so_training_moves_the_lesions(brats2018):
+    """On the real BraTS cases the importer's boxes.json holds the whole tumour's components, so training keeps the
+    lesion-shaped instance map (not painted boxes): the shipped recipe's detection targets are the tumour's."""
+    dataset, _ = brats2018
+    spec, cases = load_dataset(dataset)
+    for case in cases[:2]:
+        sample = load_sample(case, spec, (2.0, 2.0, 2.0))
+        box = boxes_from_instances(sample.instances)[0]
+        assert len(case.boxes) == 1 and int((sample.instances > 0).sum()) < 0.6 * float(np.prod(box[3:] - box[:3]))
