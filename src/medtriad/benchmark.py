@@ -9,7 +9,8 @@ each of the four is also trained for the same time budget on the same fold, and 
 per region, AP at IoU 0.10 and each classification task's AUC.
 
 The table's last two rows answer the question: "single-task sum" is what the three separate models cost together
-(run one after another on the same scan), and "multi / sum" the multi-task model's share of that.
+(run one after another on the same scan; for peak memory the largest of the three, since models run one after
+another never hold their activations at once), and "multi / sum" the multi-task model's share of that.
 
 Without a dataset the model specs follow the BraTS convention (4 contrasts, regions WT/TC/ET over labels 0/1/2/4,
 binary task ``grade``), with detection anchors derived from a typical 40 x 40 x 30 mm tumour box.
@@ -313,14 +314,10 @@ def check_trainable(dataset: str | Path, config: Config, input_size: Sequence[in
     detection region for detection) and the measured input suits the encoder, so that nothing fails after hours of
     training."""
     spec, cases = load_dataset(dataset)
-    lacking = []
-    if not spec.tasks:
-        lacking.append("classification (no medtriad.classification tasks in dataset.json)")
-    if spec.detection_region is None and not any(c.boxes for c in cases):
-        lacking.append("detection (no boxes file and no medtriad.detection.region)")
+    lacking = spec.untrainable_heads(any(c.boxes for c in cases))
     if lacking:
         raise ValueError(f"{dataset}: the benchmark trains all three heads; the dataset cannot train "
-                         f"{'; '.join(lacking)}")
+                         f"{'; '.join(f'{h} ({why})' for h, why in lacking.items())}")
     check_input_size(MultiTaskModel(brats_model_spec(config)), input_size, "--input-size")
 
 

@@ -42,6 +42,18 @@ def test_spec_round_trip(tmp_path):
     assert [t.num_outputs for t in loaded.tasks.values()] == [1, 3, 2]
 
 
+def test_heads_a_dataset_cannot_train_are_named_with_the_reason(tmp_path):
+    spec = make_spec(tmp_path)
+    assert spec.untrainable_heads(has_boxes=False) == {}  # boxes come from the WT components
+    spec.detection_region = None
+    assert list(spec.untrainable_heads(has_boxes=False)) == ["detection"]
+    assert spec.untrainable_heads(has_boxes=True) == {}  # a boxes file serves instead
+    spec.tasks = {}
+    lacking = spec.untrainable_heads(has_boxes=False)
+    assert sorted(lacking) == ["classification", "detection"]
+    assert "classification tasks" in lacking["classification"] and "detection.region" in lacking["detection"]
+
+
 def test_plain_nnunet_dataset_json_loads_with_defaults(tmp_path):
     (tmp_path / "dataset.json").write_text(
         json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},

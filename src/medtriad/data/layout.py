@@ -130,6 +130,17 @@ class DatasetSpec:
     def label_file(self, case_id: str) -> Path:
         return self.labels_dir / f"{case_id}{self.file_ending}"
 
+    def untrainable_heads(self, has_boxes: bool) -> dict[str, str]:
+        """The heads this dataset cannot train, each with why: classification needs classification tasks, detection
+        boxes (``has_boxes``: some case has boxes in boxes.json) or a detection region to draw them from the masks.
+        The trainer drops these heads from a recipe; ``medtriad benchmark``, which trains all three, refuses."""
+        lacking = {}
+        if not self.tasks:
+            lacking["classification"] = "no medtriad.classification tasks in dataset.json"
+        if self.detection_region is None and not has_boxes:
+            lacking["detection"] = "no boxes and no medtriad.detection.region"
+        return lacking
+
     @classmethod
     def load(cls, root: str | os.PathLike) -> DatasetSpec:
         """Read ``root/dataset.json``; ValueError naming the file and the bad key on bad content."""

@@ -191,8 +191,6 @@ class Trainer:
         # single-task variant) trains the encoder with it: a stop-gradient is between heads
         self.encoder_gradient = {h: float(v) for h, v in cfg.training.encoder_gradient.items()
                                  if h in self.model_spec.heads and v != 1 and len(self.model_spec.heads) > 1}
-        if self.encoder_gradient and isinstance(self.model, PluginModel):
-            raise ValueError("training.encoder_gradient is for the 3D encoders; the slice2d backbone is frozen")
         if len(self.encoder_gradient) == len(self.model_spec.heads) and not any(self.encoder_gradient.values()):
             raise ValueError(f"training.encoder_gradient {self.encoder_gradient} stops every head's gradient: nothing "
                              f"would train the encoder")
@@ -303,12 +301,12 @@ class Trainer:
 
     def _model_spec(self) -> ModelSpec:
         cfg, spec = self.config, self.spec
-        heads = list(cfg.model.heads)
-        if not spec.tasks and "classification" in heads:
-            heads.remove("classification")
-        if not spec.detection_region and "detection" in heads and not any(s.boxes is not None and len(s.boxes)
-                                                                           for s in self.train_samples):
-            heads.remove("detection")
+        lacking = spec.untrainable_heads(any(s.boxes is not None and len(s.boxes) for s in self.train_samples))
+        heads = [h for h in cfg.model.heads if h not in lacking]
+        if len(heads) < len(cfg.model.heads) and self.rank == 0:
+            warnings.warn("the dataset cannot train " + "; ".join(f"{h} ({lacking[h]})" for h in cfg.model.heads
+                                                                  if h in lacking) + ": the model is built without it",
+                          stacklevel=2)
         detection: dict[str, Any] = {}
         if "detection" in heads:
             detection = dict(cfg.model.detection)
