@@ -10,7 +10,8 @@
     medtriad predict -m RUN [RUN...] -i INPUT... -o OUT [--num-parts N --part-id K] [--overwrite]
     medtriad synth OUT --cases N         synthetic BraTS-like dataset on real anatomy
     medtriad demo [--out DIR] [--minutes M] [--quick]
-    medtriad benchmark -c CONFIG -o OUT [--input-size X Y Z] [--encoder E] [--train DATASET --minutes M]
+    medtriad benchmark -c CONFIG -o OUT [--input-size X Y Z] [--encoder E] [--train DATASET --minutes M [--fold K]]
+                       [--set SECTION.KEY=VALUE]
 """
 
 from __future__ import annotations
