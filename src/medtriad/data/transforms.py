@@ -224,7 +224,7 @@ def load_sample(case: Case, spec: DatasetSpec, spacing: Sequence[float], with_ta
         regions = regions_from_label(label, spec.regions)
         sample.regions = (resample(geometry.to_canonical(regions), geometry.model_shape, "trilinear") > 0.5).to(
             torch.uint8)
-        if spec.detection_region:
+        if spec.detection_region is not None:
             region = np.isin(label, list(spec.regions[spec.detection_region]))
             instances = instances_from_mask(region, affine, spec.min_box_volume_mm3)
             sample.instances = resample(geometry.to_canonical(instances[None]), geometry.model_shape,

@@ -301,12 +301,14 @@ class Trainer:
 
     def _model_spec(self) -> ModelSpec:
         cfg, spec = self.config, self.spec
+        # (boxes among this fold's training cases: validation cases' boxes cannot train the head)
         lacking = spec.untrainable_heads(any(s.boxes is not None and len(s.boxes) for s in self.train_samples))
         heads = [h for h in cfg.model.heads if h not in lacking]
-        if len(heads) < len(cfg.model.heads) and self.rank == 0:
-            warnings.warn("the dataset cannot train " + "; ".join(f"{h} ({lacking[h]})" for h in cfg.model.heads
-                                                                  if h in lacking) + ": the model is built without it",
-                          stacklevel=2)
+        left_out = [h for h in cfg.model.heads if h in lacking]
+        if left_out and self.rank == 0:
+            warnings.warn("the dataset cannot train " + "; ".join(f"{h} ({lacking[h]})" for h in left_out)
+                          + f": the model is built without {'it' if len(left_out) == 1 else 'them'} (model.heads "
+                          f"without {', '.join(left_out)} says so and silences this)", stacklevel=2)
         detection: dict[str, Any] = {}
         if "detection" in heads:
             detection = dict(cfg.model.detection)
