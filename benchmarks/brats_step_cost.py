@@ -10,6 +10,7 @@ the two models take turns step by step, so a change in the machine's load falls 
 adds (two checkpoints, the progress plot) and validation.
 
 Usage: python benchmarks/brats_step_cost.py DATASET [--config brats-cpu] [--fold 0] [--threads 2] [--batches 10]
+           [--set SECTION.KEY=VALUE ...]   (overrides for the multi-task model only, e.g. a lighter detection head)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from medtriad.config import Config
+from medtriad.config import Config, load_yaml
 from medtriad.training.trainer import Trainer
 
 VARIANTS = {"multi-task": {}, "segmentation only": {"model.heads": ["segmentation"],
@@ -84,11 +85,15 @@ def main() -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], help="override for the multi-task model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    trainers, parts, rows = {}, {}, {name: defaultdict(list) for name in VARIANTS}
+    extra = {key: load_yaml(value, f"--set {key}") for key, _, value in (pair.partition("=") for pair in args.set)}
+    variants = {" ".join(["multi-task", *args.set]): {**VARIANTS["multi-task"], **extra},
+                "segmentation only": VARIANTS["segmentation only"]}
+    trainers, parts, rows = {}, {}, {name: defaultdict(list) for name in variants}
     with tempfile.TemporaryDirectory() as scratch:
-        for name, overrides in VARIANTS.items():
+        for name, overrides in variants.items():
             config = Config.load(args.config, overrides)
             torch.manual_seed(config.training.seed)  # as fit seeds before prepare
             np.random.seed(config.training.seed)
