@@ -13,6 +13,7 @@ from medtriad.benchmark import (
     VARIANTS,
     _ratios,
     brats_model_spec,
+    check_trainable,
     compare_folds,
     config_with_encoder,
     count_flops,
@@ -27,9 +28,11 @@ from medtriad.benchmark import (
 )
 from medtriad.cli import main
 from medtriad.config import Config
+from medtriad.data.layout import load_dataset, read_boxes_json, write_boxes_json
 from medtriad.models.encoders import create_encoder
 from medtriad.models.heads.segmentation import SegmentationHead
 from medtriad.models.multitask import MultiTaskModel
+from medtriad.training.trainer import split_cases
 
 ROWS = ("| multi |", "| seg |", "| det |", "| cls |", "| single-task sum |", "| multi / sum |")
 
@@ -204,6 +207,28 @@ def test_training_is_refused_before_it_starts_when_a_head_or_the_input_size_cann
         run_benchmark(Config.load("tiny"), tmp_path / "b", input_size=(30, 32, 32), dataset=synth_dataset, minutes=1,
                       memory=False, progress=False)
     assert not (tmp_path / "a" / "runs").exists() and not (tmp_path / "b" / "runs").exists()
+
+
+def test_detection_is_trainable_only_with_boxes_among_the_folds_training_cases(synth_dataset, tmp_path):
+    """As the trainer decides: without a detection region, boxes of the validation cases alone train nothing, so the
+    benchmark refuses before any training (it had trained the multi-task model for the whole budget first)."""
+    data = tmp_path / "val-boxes"
+    shutil.copytree(synth_dataset, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    del meta["medtriad"]["detection"]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    config = Config.load("tiny")
+    spec, cases = load_dataset(data)
+    by_id, val_ids, _, _ = split_cases(data, cases, spec, 1, config.training.num_folds, config.training.seed)
+    boxes = read_boxes_json(data / "boxes.json")
+    assert val_ids and set(by_id) - val_ids and set(boxes) == set(by_id)
+    write_boxes_json(data / "boxes.json", {i: b for i, b in boxes.items() if i in val_ids})
+    with pytest.raises(ValueError, match=r"cannot train detection \(no boxes"):
+        check_trainable(data, config, config.data.patch_size, fold=1)
+    write_boxes_json(data / "boxes.json", {i: b for i, b in boxes.items() if i not in val_ids})
+    check_trainable(data, config, config.data.patch_size, fold=1)  # training cases with boxes: trainable
+    with pytest.raises(ValueError, match="fold must be in"):  # a fold the split does not have, before training
+        check_trainable(data, config, config.data.patch_size, fold=99)
 
 
 def test_single_task_memory_is_the_largest_activation_peak_not_a_sum():

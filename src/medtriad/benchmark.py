@@ -309,12 +309,17 @@ def variant_config(config: Config, heads: Sequence[str], tasks: Sequence[str] = 
     return cfg
 
 
-def check_trainable(dataset: str | Path, config: Config, input_size: Sequence[int]) -> None:
+def check_trainable(dataset: str | Path, config: Config, input_size: Sequence[int], fold: int = 0) -> None:
     """Before any training: the dataset has what every head needs (a class table for classification, boxes or a
     detection region for detection) and the measured input suits the encoder, so that nothing fails after hours of
     training."""
+    from medtriad.training.trainer import split_cases
+
     spec, cases = load_dataset(dataset)
-    lacking = spec.untrainable_heads(any(c.boxes for c in cases))
+    by_id, val_ids, _, _ = split_cases(Path(dataset), cases, spec, fold, config.training.num_folds,
+                                       config.training.seed)
+    # as the trainer decides: boxes among the fold's training cases (validation cases' boxes train nothing)
+    lacking = spec.untrainable_heads(any(by_id[i].boxes for i in set(by_id) - val_ids))
     if lacking:
         raise ValueError(f"{dataset}: the benchmark trains all three heads; the dataset cannot train "
                          f"{'; '.join(f'{h} ({why})' for h, why in lacking.items())}")
@@ -393,7 +398,7 @@ def run_benchmark(config: Config, out: str | Path, input_size: Sequence[int] | N
     if dataset is not None:
         if minutes <= 0:
             raise ValueError(f"--train needs a positive --minutes budget, got {minutes}")
-        check_trainable(dataset, config, input_size)
+        check_trainable(dataset, config, input_size, fold)
         training = train_variants(dataset, config, out, minutes, fold, device, progress)
         specs = {name: ModelSpec.load(Path(t["run"]) / "model.json") for name, t in training.items()}
     else:

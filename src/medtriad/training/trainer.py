@@ -112,6 +112,24 @@ def stratified_folds(cases: list[Case], spec: DatasetSpec, num_folds: int, seed:
     return [sorted(f) for f in folds]
 
 
+def split_cases(dataset: Path, cases: list[Case], spec: DatasetSpec, fold: int, num_folds: int,
+                seed: int) -> tuple[dict[str, Case], set[str], list[list[str]], dict | None]:
+    """The cases a run on ``fold`` uses, by id, and which of them validate: splits.json's train and val where the
+    dataset has one (``fold`` must then be 0), else fold ``fold`` of :func:`stratified_folds`. Returns (cases by
+    id, validation ids, the folds ([] with splits.json), splits.json's content or None)."""
+    by_id = {c.case_id: c for c in cases}
+    predefined = read_splits(dataset, list(by_id))
+    if predefined is not None:  # official splits: train on "train", select on "val", never touch the rest
+        if fold:
+            raise ValueError(f"{dataset / 'splits.json'} defines the split; --fold {fold} does not apply")
+        return ({i: by_id[i] for i in predefined["train"] + predefined["val"]}, set(predefined["val"]), [],
+                predefined)
+    folds = stratified_folds(cases, spec, num_folds, seed)
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {fold}")
+    return by_id, set(folds[fold]), folds, None
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -153,18 +171,8 @@ class Trainer:
             raise DatasetInvalidError(f"dataset {self.dataset} is not valid:\n{format_problems(problems)}")
         spec, cases = load_dataset(self.dataset)
         self.spec = spec
-        by_id = {c.case_id: c for c in cases}
-        predefined = read_splits(self.dataset, list(by_id))
-        if predefined is not None:  # official splits: train on "train", select on "val", never touch the rest
-            if self.fold:
-                raise ValueError(f"{self.dataset / 'splits.json'} defines the split; --fold {self.fold} does not apply")
-            folds, val_ids = [], set(predefined["val"])
-            by_id = {i: by_id[i] for i in predefined["train"] + predefined["val"]}
-        else:
-            folds = stratified_folds(cases, spec, cfg.training.num_folds, cfg.training.seed)
-            if not 0 <= self.fold < len(folds):
-                raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {self.fold}")
-            val_ids = set(folds[self.fold])
+        by_id, val_ids, folds, predefined = split_cases(self.dataset, cases, spec, self.fold, cfg.training.num_folds,
+                                                        cfg.training.seed)
         if self._resumed_split is not None:  # before minutes of loading
             self._check_same_split(self._resumed_split, set(by_id) - val_ids, val_ids)
         load = lambda ids, what: [load_sample(by_id[i], spec, cfg.data.spacing,  # noqa: E731
