@@ -32,7 +32,7 @@ from medtriad.data.layout import load_dataset, read_boxes_json, write_boxes_json
 from medtriad.models.encoders import create_encoder
 from medtriad.models.heads.segmentation import SegmentationHead
 from medtriad.models.multitask import MultiTaskModel
-from medtriad.training.trainer import split_cases
+from medtriad.training.trainer import fold_split
 
 ROWS = ("| multi |", "| seg |", "| det |", "| cls |", "| single-task sum |", "| multi / sum |")
 
@@ -219,7 +219,7 @@ def test_detection_is_trainable_only_with_boxes_among_the_folds_training_cases(s
     (data / "dataset.json").write_text(json.dumps(meta))
     config = Config.load("tiny")
     spec, cases = load_dataset(data)
-    by_id, val_ids, _, _ = split_cases(data, cases, spec, 1, config.training.num_folds, config.training.seed)
+    by_id, val_ids, _, _ = fold_split(data, cases, spec, 1, config.training.num_folds, config.training.seed)
     boxes = read_boxes_json(data / "boxes.json")
     assert val_ids and set(by_id) - val_ids and set(boxes) == set(by_id)
     write_boxes_json(data / "boxes.json", {i: b for i, b in boxes.items() if i in val_ids})

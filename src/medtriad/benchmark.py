@@ -313,11 +313,11 @@ def check_trainable(dataset: str | Path, config: Config, input_size: Sequence[in
     """Before any training: the dataset has what every head needs (a class table for classification, boxes or a
     detection region for detection) and the measured input suits the encoder, so that nothing fails after hours of
     training."""
-    from medtriad.training.trainer import split_cases
+    from medtriad.training.trainer import fold_split
 
     spec, cases = load_dataset(dataset)
-    by_id, val_ids, _, _ = split_cases(Path(dataset), cases, spec, fold, config.training.num_folds,
-                                       config.training.seed)
+    by_id, val_ids, _, _ = fold_split(Path(dataset), cases, spec, fold, config.training.num_folds,
+                                      config.training.seed)
     # as the trainer decides: boxes among the fold's training cases (validation cases' boxes train nothing)
     lacking = spec.untrainable_heads(any(by_id[i].boxes for i in set(by_id) - val_ids))
     if lacking:

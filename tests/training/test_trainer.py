@@ -315,13 +315,13 @@ def test_fixed_weights_follow_the_heads_the_dataset_can_train(synth_dataset, tmp
                       progress=False)
     with pytest.warns(UserWarning, match=r"cannot train classification \(no medtriad.classification tasks"):
         trainer.prepare()  # said, not silent
+    assert trainer.model_spec.heads == ["segmentation", "detection"]
+    assert trainer.balancer.weights() == {"segmentation": 1.0, "detection": 1.0}
     full = Trainer(synth_dataset, Config.load("tiny", TINY), tmp_path / "full", progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         full.prepare()
     assert not [w for w in caught if "cannot train" in str(w.message)]  # every head trainable: nothing said
-    assert trainer.model_spec.heads == ["segmentation", "detection"]
-    assert trainer.balancer.weights() == {"segmentation": 1.0, "detection": 1.0}
     typo = Trainer(data, Config.load("tiny", {**TINY, "training.loss_weights": {"segmentaton": 1.0}}), tmp_path / "b",
                    progress=False)
     with pytest.raises(ValueError, match="segmentaton"):

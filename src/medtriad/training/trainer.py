@@ -112,8 +112,8 @@ def stratified_folds(cases: list[Case], spec: DatasetSpec, num_folds: int, seed:
     return [sorted(f) for f in folds]
 
 
-def split_cases(dataset: Path, cases: list[Case], spec: DatasetSpec, fold: int, num_folds: int,
-                seed: int) -> tuple[dict[str, Case], set[str], list[list[str]], dict | None]:
+def fold_split(dataset: Path, cases: list[Case], spec: DatasetSpec, fold: int, num_folds: int,
+               seed: int) -> tuple[dict[str, Case], set[str], list[list[str]], dict | None]:
     """The cases a run on ``fold`` uses, by id, and which of them validate: splits.json's train and val where the
     dataset has one (``fold`` must then be 0), else fold ``fold`` of :func:`stratified_folds`. Returns (cases by
     id, validation ids, the folds ([] with splits.json), splits.json's content or None)."""
@@ -171,8 +171,8 @@ class Trainer:
             raise DatasetInvalidError(f"dataset {self.dataset} is not valid:\n{format_problems(problems)}")
         spec, cases = load_dataset(self.dataset)
         self.spec = spec
-        by_id, val_ids, folds, predefined = split_cases(self.dataset, cases, spec, self.fold, cfg.training.num_folds,
-                                                        cfg.training.seed)
+        by_id, val_ids, folds, predefined = fold_split(self.dataset, cases, spec, self.fold, cfg.training.num_folds,
+                                                       cfg.training.seed)
         if self._resumed_split is not None:  # before minutes of loading
             self._check_same_split(self._resumed_split, set(by_id) - val_ids, val_ids)
         load = lambda ids, what: [load_sample(by_id[i], spec, cfg.data.spacing,  # noqa: E731
