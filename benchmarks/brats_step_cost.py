@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medtriad.config import Config, load_yaml
-from medtriad.training.trainer import Trainer
+from medtriad.training.trainer import GRAD_CLIP_NORM, Trainer
 
 VARIANTS = {"multi-task": {}, "segmentation only": {"model.heads": ["segmentation"],
                                                      "training.loss_weights": {"segmentation": 1.0}}}
@@ -64,7 +64,7 @@ def one_step(trainer: Trainer, step: int, parts: dict[str, list[float]]) -> dict
     t2 = time.perf_counter()
     total.backward()
     t3 = time.perf_counter()
-    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 12.0)))
+    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), GRAD_CLIP_NORM)))
     if finite:
         trainer.optimizer.step()
     trainer.scheduler.step()

@@ -89,6 +89,8 @@ class TrainingDivergedError(RuntimeError):
 
 
 MAX_SKIPPED_IN_A_ROW = 20
+#: the global gradient norm every training step clips to (all parameters, every head's included)
+GRAD_CLIP_NORM = 12.0
 
 
 def stratified_folds(cases: list[Case], spec: DatasetSpec, num_folds: int, seed: int) -> list[list[str]]:
@@ -630,7 +632,7 @@ class Trainer:
                         sums.setdefault(k, []).append(float(v.detach()))
                 average_gradients(self.balancer.parameters(), self.world)  # learned weights: one value on all ranks
                 self.scaler.unscale_(self.optimizer)
-                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)))
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)))
                 if finite or self.scaler.is_enabled():  # an enabled (CUDA) scaler skips a non-finite step itself
                     self.scaler.step(self.optimizer)
                 self.scaler.update()
