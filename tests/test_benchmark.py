@@ -29,10 +29,10 @@ from medtriad.benchmark import (
 from medtriad.cli import main
 from medtriad.config import Config
 from medtriad.data.layout import load_dataset, read_boxes_json, write_boxes_json
+from medtriad.data.splits import fold_split
 from medtriad.models.encoders import create_encoder
 from medtriad.models.heads.segmentation import SegmentationHead
 from medtriad.models.multitask import MultiTaskModel
-from medtriad.training.trainer import fold_split
 
 ROWS = ("| multi |", "| seg |", "| det |", "| cls |", "| single-task sum |", "| multi / sum |")
 

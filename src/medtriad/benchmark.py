@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medtriad.config import Config
 from medtriad.data.importers import BRATS_CHANNELS
 from medtriad.data.layout import load_dataset
+from medtriad.data.splits import fold_split
 from medtriad.evaluation.evaluate import headline_metrics
 from medtriad.io import atomic_write_text, write_json
 from medtriad.models.heads.detection import DEFAULT_STRIDES, anchor_shapes_from_boxes
@@ -313,8 +314,6 @@ def check_trainable(dataset: str | Path, config: Config, input_size: Sequence[in
     """Before any training: the dataset has what every head needs (a class table for classification, boxes or a
     detection region for detection) and the measured input suits the encoder, so that nothing fails after hours of
     training."""
-    from medtriad.training.trainer import fold_split
-
     spec, cases = load_dataset(dataset)
     by_id, val_ids, _, _ = fold_split(Path(dataset), cases, spec, fold, config.training.num_folds,
                                       config.training.seed)

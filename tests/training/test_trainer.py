@@ -7,7 +7,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from medtriad.data.layout import load_dataset
 from medtriad.data.synth import generate_dataset
 from medtriad.models.memory_format import InstanceNormAsGroupNorm
 from medtriad.models.multitask import ModelSpec, build_model, load_model_weights
-from medtriad.training.trainer import DatasetInvalidError, Trainer, stratified_folds, train
+from medtriad.training.trainer import DatasetInvalidError, Trainer, train
 
 TINY = {"training.epochs": 2, "training.iterations_per_epoch": 2, "training.warmup_iterations": 1}
 
@@ -380,19 +379,6 @@ def test_cpu_training_norms_keep_channels_last_and_checkpoints_load_into_the_bui
     with torch.no_grad():
         expected, found = built.eval()(image.contiguous()), trainer.model.eval()(image)
     torch.testing.assert_close(found["segmentation"], expected["segmentation"], atol=1e-4, rtol=1e-4)
-
-
-def test_stratified_folds_balance_classes(synth_dataset):
-    spec, cases = load_dataset(synth_dataset)
-    folds = stratified_folds(cases, spec, 4, seed=0)
-    assert sorted(sum(folds, [])) == sorted(c.case_id for c in cases)
-    grades = {c.case_id: c.classes["grade"] for c in cases}
-    counts = [sum(grades[i] for i in fold) for fold in folds]
-    assert max(counts) - min(counts) <= 1
-    with pytest.raises(ValueError, match="num_folds"):
-        stratified_folds(cases, spec, 1, seed=0)
-    assert np.array_equal(np.array(stratified_folds(cases, spec, 4, seed=0), dtype=object),
-                          np.array(folds, dtype=object))
 
 
 @pytest.mark.parametrize("balancing", ["uncertainty", "gradnorm"])

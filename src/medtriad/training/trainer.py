@@ -20,10 +20,10 @@ map on the CPU now and then, see medtriad.precision; or real divergence) is skip
 into NaN, as CUDA's GradScaler does for float16; each epoch's record counts them (``skipped_steps``), and
 ``MAX_SKIPPED_IN_A_ROW`` consecutive ones stop training with :class:`TrainingDivergedError`, the last checkpoint kept.
 
-Data split: a dataset with official splits (``splits.json``, e.g. MedMNIST) trains on "train" and selects on "val";
-otherwise a stratified k-fold split and ``--fold K``. ``--resume`` continues on the fold in the run's ``split.json``
-(another ``--fold`` is refused) with the config in its ``config.yaml`` (a config that differs is refused, the
-differences named), and refuses a dataset whose cases no longer give that split.
+Data split (medtriad.data.splits): a dataset with official splits (``splits.json``, e.g. MedMNIST) trains on
+"train" and selects on "val"; otherwise a stratified k-fold split and ``--fold K``. ``--resume`` continues on the fold
+in the run's ``split.json`` (another ``--fold`` is refused) with the config in its ``config.yaml`` (a config that
+differs is refused, the differences named), and refuses a dataset whose cases no longer give that split.
 
 Case-level classification while training on patches: the classification head pools attention over the tokens
 of whatever it sees. Training patches are tumour-centred with probability ``foreground_ratio``; the class loss is
@@ -55,7 +55,8 @@ from medtriad.checkpoint import (checkpoint_exists, load_state, load_weights, ow
 from medtriad.config import Config
 from medtriad.data.boxes import boxes_from_instances
 from medtriad.data.check import check_dataset, format_problems
-from medtriad.data.layout import Case, DatasetSpec, load_dataset, read_splits
+from medtriad.data.layout import load_dataset
+from medtriad.data.splits import fold_split
 from medtriad.data.transforms import Sample, load_sample, pad_to, training_transforms
 from medtriad.evaluation.evaluate import headline_metrics, score_case, summarize_scores
 from medtriad.evaluation.run import read_run_split
@@ -91,45 +92,6 @@ class TrainingDivergedError(RuntimeError):
 MAX_SKIPPED_IN_A_ROW = 20
 #: the global gradient norm every training step clips to (all parameters, every head's included)
 GRAD_CLIP_NORM = 12.0
-
-
-def stratified_folds(cases: list[Case], spec: DatasetSpec, num_folds: int, seed: int) -> list[list[str]]:
-    """Split case ids into ``num_folds`` folds, stratified by the first classification task's class (if any)."""
-    if num_folds < 2 or num_folds > len(cases):
-        raise ValueError(f"num_folds must be between 2 and the number of cases ({len(cases)}), got {num_folds}")
-    task = next(iter(spec.tasks), None)
-    strata: dict[Any, list[str]] = {}
-    for case in cases:
-        key = case.classes.get(task) if task else None
-        strata.setdefault(str(key), []).append(case.case_id)
-    rng = random.Random(seed)
-    folds: list[list[str]] = [[] for _ in range(num_folds)]
-    position = 0
-    for key in sorted(strata):
-        ids = sorted(strata[key])
-        rng.shuffle(ids)
-        for case_id in ids:
-            folds[position % num_folds].append(case_id)
-            position += 1
-    return [sorted(f) for f in folds]
-
-
-def fold_split(dataset: Path, cases: list[Case], spec: DatasetSpec, fold: int, num_folds: int,
-               seed: int) -> tuple[dict[str, Case], set[str], list[list[str]], dict | None]:
-    """The cases a run on ``fold`` uses, by id, and which of them validate: splits.json's train and val where the
-    dataset has one (``fold`` must then be 0), else fold ``fold`` of :func:`stratified_folds`. Returns (cases by
-    id, validation ids, the folds ([] with splits.json), splits.json's content or None)."""
-    by_id = {c.case_id: c for c in cases}
-    predefined = read_splits(dataset, list(by_id))
-    if predefined is not None:  # official splits: train on "train", select on "val", never touch the rest
-        if fold:
-            raise ValueError(f"{dataset / 'splits.json'} defines the split; --fold {fold} does not apply")
-        return ({i: by_id[i] for i in predefined["train"] + predefined["val"]}, set(predefined["val"]), [],
-                predefined)
-    folds = stratified_folds(cases, spec, num_folds, seed)
-    if not 0 <= fold < len(folds):
-        raise ValueError(f"fold must be in 0..{len(folds) - 1}, got {fold}")
-    return by_id, set(folds[fold]), folds, None
 
 
 @dataclass
