@@ -25,7 +25,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from medtriad.config import Config, load_yaml
+from medtriad.config import Config, parse_overrides
 from medtriad.training.trainer import GRAD_CLIP_NORM, Trainer
 
 VARIANTS = {"multi-task": {}, "segmentation only": {"model.heads": ["segmentation"],
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override for the multi-task model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    extra = {key: load_yaml(value, f"--set {key}") for key, _, value in (pair.partition("=") for pair in args.set)}
+    extra = parse_overrides(args.set)
     variants = {" ".join(["multi-task", *args.set]): {**VARIANTS["multi-task"], **extra},
                 "segmentation only": VARIANTS["segmentation only"]}
     trainers, parts, rows = {}, {}, {name: defaultdict(list) for name in variants}

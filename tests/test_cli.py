@@ -43,9 +43,12 @@ def test_unknown_config_and_missing_run_are_plain_errors(synth_dataset, tmp_path
 
 
 def test_set_values_in_e_notation_and_bad_yaml_and_os_errors(synth_dataset, tmp_path, capsys):
-    from medtriad.cli import _overrides
+    from medtriad.config import parse_overrides
 
-    assert _overrides(["training.weight_decay=1e-5"]) == {"training.weight_decay": 1e-5}
+    assert parse_overrides(["training.weight_decay=1e-5"]) == {"training.weight_decay": 1e-5}
+    assert main(["train", str(synth_dataset), "-o", str(tmp_path / "r"), "-q", "--set", "epochs=1"]) == 2
+    assert "--set expects section.key=value, got 'epochs=1'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything is written
     assert main(["evaluate", str(tmp_path / "missing"), str(synth_dataset), "-q",
                  "--set", "inference.mirror_axes=[0,1"]) == 2
     err = capsys.readouterr().err

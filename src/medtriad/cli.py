@@ -64,22 +64,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(pairs: list[str]) -> dict:
-    from medtriad.config import load_yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or "." not in key:
-            raise ValueError(f"--set expects section.key=value, got {pair!r}")
-        out[key] = load_yaml(value, f"--set {pair}")
-    return out
-
-
 def _inference_overrides(pairs: list[str]) -> dict:
     """``--set inference.KEY=VALUE`` pairs of evaluate / predict -> {KEY: VALUE}."""
+    from medtriad.config import parse_overrides
+
     out = {}
-    for key, value in _overrides(pairs).items():
+    for key, value in parse_overrides(pairs).items():
         section, _, name = key.partition(".")
         if section != "inference":
             raise ValueError(f"--set here changes inference settings only (inference.KEY=VALUE), got {key!r}")
@@ -88,15 +78,15 @@ def _inference_overrides(pairs: list[str]) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from medtriad.config import Config
+    from medtriad.config import Config, parse_overrides
     from medtriad.training.trainer import TrainingDivergedError, resumed_config, train
 
     run = Path(args.output)
     if args.resume:  # the run's own config; -c / --set are accepted only where they change nothing (the trainer checks)
-        config = (Config.load(args.config, _overrides(args.set)) if args.config
-                  else resumed_config(run, _overrides(args.set)))
+        config = (Config.load(args.config, parse_overrides(args.set)) if args.config
+                  else resumed_config(run, parse_overrides(args.set)))
     else:
-        config = Config.load(args.config or "brats-cpu", _overrides(args.set))
+        config = Config.load(args.config or "brats-cpu", parse_overrides(args.set))
     try:
         result = train(args.dataset, config, run, fold=args.fold, resume=args.resume, device=args.device,
                        progress=not args.quiet)
@@ -168,11 +158,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from medtriad.benchmark import run_benchmark
-    from medtriad.config import Config
+    from medtriad.config import Config, parse_overrides
 
     if args.train is None and args.minutes is not None:
         raise ValueError("--minutes is the training budget of --train DATASET; pass both or neither")
-    config = Config.load(args.config, _overrides(args.set))
+    config = Config.load(args.config, parse_overrides(args.set))
     run_benchmark(config, Path(args.output), input_size=args.input_size, encoder=args.encoder,
                   config_name=str(args.config), dataset=args.train, minutes=args.minutes or 0.0, fold=args.fold,
                   device=args.device, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,

@@ -45,6 +45,18 @@ def load_yaml(text: str, where: str) -> Any:
         raise ValueError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set SECTION.KEY=VALUE`` pairs -> {"SECTION.KEY": value}, each value read as YAML (the form
+    :meth:`Config.load` takes); a pair without ``=`` or a section is a ValueError naming it."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set expects section.key=value, got {pair!r}")
+        out[key] = load_yaml(value, f"--set {pair}")
+    return out
+
+
 @dataclass
 class DataConfig:
     """How cases become network inputs.
