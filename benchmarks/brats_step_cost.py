@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medtriad.config import Config, parse_overrides
-from medtriad.training.trainer import GRAD_CLIP_NORM, Trainer
+from medtriad.training.trainer import Trainer
 
 VARIANTS = {"multi-task": {}, "segmentation only": {"model.heads": ["segmentation"],
                                                      "training.loss_weights": {"segmentation": 1.0}}}
@@ -64,13 +64,7 @@ def one_step(trainer: Trainer, step: int, parts: dict[str, list[float]]) -> dict
     t2 = time.perf_counter()
     total.backward()
     t3 = time.perf_counter()
-    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), GRAD_CLIP_NORM)))
-    if finite:
-        trainer.optimizer.step()
-    trainer.scheduler.step()
-    trainer.balancer.after_step()
-    if trainer.ema is not None and finite:
-        trainer.ema.update_parameters(trainer.model)
+    trainer.apply_gradients()
     t4 = time.perf_counter()
     row = {"draw + augment": t1 - t0, "forward + losses": t2 - t1}
     row.update({f"of which {name}": sum(v) for name, v in parts.items() if not name.startswith("_")})

@@ -392,6 +392,23 @@ class Trainer:
         losses_tail = sum((0.0 * v.sum() for v in unused), torch.zeros((), device=self.device))
         return losses, losses_tail
 
+    def apply_gradients(self) -> bool:
+        """One update from the gradients the step's backward passes left: clip, AdamW, schedule, balancer, EMA.
+
+        Returns whether the gradients were finite; non-finite ones are not applied (the schedule still advances).
+        """
+        average_gradients(self.balancer.parameters(), self.world)  # learned weights: one value on all ranks
+        self.scaler.unscale_(self.optimizer)
+        finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)))
+        if finite or self.scaler.is_enabled():  # an enabled (CUDA) scaler skips a non-finite step itself
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.balancer.after_step()
+        if self.ema is not None and finite:
+            self.ema.update_parameters(self.model)
+        return finite
+
     # ------------------------------------------------------------------ state
     def _scored_model(self) -> torch.nn.Module:
         """The weights validation scores and checkpoints hold as the model: the EMA copy when there is one."""
@@ -592,16 +609,7 @@ class Trainer:
                     broadcast_module(self.balancer, self.world)
                     for k, v in losses.items():
                         sums.setdefault(k, []).append(float(v.detach()))
-                average_gradients(self.balancer.parameters(), self.world)  # learned weights: one value on all ranks
-                self.scaler.unscale_(self.optimizer)
-                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)))
-                if finite or self.scaler.is_enabled():  # an enabled (CUDA) scaler skips a non-finite step itself
-                    self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.balancer.after_step()
-                if self.ema is not None and finite:
-                    self.ema.update_parameters(self.model)
+                finite = self.apply_gradients()
                 step += 1
                 skipped += not finite
                 in_a_row = 0 if finite else in_a_row + 1
