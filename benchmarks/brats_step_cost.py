@@ -1,7 +1,7 @@
 """What the multi-task recipe's extra heads cost per training step, against its segmentation-only variant.
 
-Issue 5: in the hour's budget `brats-cpu` (three heads) makes about 15 % fewer steps than its single-task segmentation
-variant (the same encoder, decoder and settings, one head). This times each part of one training step, as
+Issue 5: in the hour's budget `brats-cpu` (three heads, 64-channel detection head) made about 15 % fewer steps than
+its single-task segmentation variant (the same encoder, decoder and settings, one head). This times each part of one training step, as
 `Trainer.fit` runs it, for both on the same batches (by step number) of real BraTS cases: drawing and augmenting the
 batch, the forward pass split into the encoder and each head (forward hooks; the detection head's time includes its
 loss, anchor matching and all, which RetinaNet computes inside its forward pass), the losses, the backward pass, and
