@@ -1,13 +1,13 @@
 """What the multi-task recipe's extra heads cost per training step, against its segmentation-only variant.
 
 Issue 5: in the hour's budget `brats-cpu` (three heads, 64-channel detection head) made about 15 % fewer steps than
-its single-task segmentation variant (the same encoder, decoder and settings, one head). This times each part of one training step, as
-`Trainer.fit` runs it, for both on the same batches (by step number) of real BraTS cases: drawing and augmenting the
-batch, the forward pass split into the encoder and each head (forward hooks; the detection head's time includes its
-loss, anchor matching and all, which RetinaNet computes inside its forward pass), the losses, the backward pass, and
-the optimiser's part (gradient clipping, AdamW, the weight EMA). Medians over --batches steps after one warm-up step;
-the two models take turns step by step, so a change in the machine's load falls on both. Not timed: what an epoch
-adds (two checkpoints, the progress plot) and validation.
+its single-task segmentation variant (the same encoder, decoder and settings, one head). This times each part of one
+training step, as `Trainer.fit` runs it, for both on the same batches (by step number) of real BraTS cases: drawing
+and augmenting the batch, the forward pass split into the encoder and each head (forward hooks; the detection head's
+time includes its loss, anchor matching and all, which RetinaNet computes inside its forward pass), the losses, the
+backward pass, and the optimiser's part (gradient clipping, AdamW, the weight EMA). Medians over --batches steps after
+one warm-up step; the two models take turns step by step, so a change in the machine's load falls on both. Not timed:
+what an epoch adds (two checkpoints, the progress plot) and validation.
 
 Usage: python benchmarks/brats_step_cost.py DATASET [--config brats-cpu] [--fold 0] [--threads 2] [--batches 10]
            [--set SECTION.KEY=VALUE ...]   (overrides for the multi-task model only, e.g. a lighter detection head)
