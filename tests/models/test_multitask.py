@@ -109,6 +109,26 @@ def test_detection_strides_must_ascend():
             "anchor_shapes": [[3, 3, 3]], "strides": [16, 8, 4]}))
 
 
+def test_detection_head_width_follows_fpn_channels():
+    """``model.detection.fpn_channels`` (64 by default, ``brats-cpu`` 32) sets the width of the pyramid and of both
+    RetinaNet heads at every level; the narrower head has fewer parameters and trains (finite losses, gradients)."""
+    torch.manual_seed(0)
+    base = spec(["detection"])
+    wide = MultiTaskModel(base)
+    narrow = MultiTaskModel(dataclasses.replace(base, detection={**base.detection, "fpn_channels": 16}))
+    head = narrow.heads["detection"]
+    assert {m.out_channels for m in head.fpn.modules() if isinstance(m, torch.nn.Conv3d)} == {16}
+    for tower in (head.cls_head, head.reg_head):
+        assert {m.in_channels for m in tower.modules() if isinstance(m, torch.nn.Conv3d)} == {16}
+    count = lambda m: sum(p.numel() for p in m.heads["detection"].parameters())  # noqa: E731
+    assert count(narrow) < count(wide)
+    targets = [{"boxes": torch.tensor([[4.0, 5, 6, 20, 22, 18]]), "labels": torch.zeros(1, dtype=torch.long)}]
+    losses = narrow(torch.randn(1, 4, 32, 32, 32), det_targets=targets)["detection"]
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in head.cls_head.parameters())
+
+
 def test_detection_anchors_follow_the_model_to_another_device():
     """MONAI caches anchors by input shape alone; after the model moves (CPU timing, then CUDA in `medtriad benchmark`)
     the cached ones sit on the old device and must be made again on the new one."""
