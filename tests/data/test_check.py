@@ -92,6 +92,15 @@ def test_allow_missing_channels(tmp_path):
     assert "nochannel" not in cases and "truncated" in cases
 
 
+def test_every_bad_row_of_classes_csv_is_a_problem(tmp_path):
+    make_dataset(tmp_path)
+    (tmp_path / "classes.csv").write_text("case,grade\nclean,HGG\nshape,MGG\nnan,HGG\naffine,high\n")
+    problems = check_dataset(tmp_path, progress=False)
+    assert len(problems) == 2 and all(p.case_id is None and "classes.csv" in p.message for p in problems)
+    assert "row 3: grade = 'MGG'" in problems[0].message and "row 5: grade = 'high'" in problems[1].message
+    assert format_problems(problems).startswith("2 problem(s) found:")
+
+
 def test_dataset_level_problem(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     (problem,) = check_dataset(tmp_path, progress=False)

@@ -84,13 +84,13 @@ def check_dataset(root: str | os.PathLike, progress: bool = True) -> list[Proble
     values declared in dataset.json, a known value for every classification task, boxes inside
     the image. Per dataset: numTraining (when given) equals the number of cases, and every file in labelsTr belongs
     to a case. An unreadable dataset.json, classes.csv or boxes.json, or a stray file in imagesTr,
-    is reported alone since the cases cannot be listed without them.
+    is reported alone since the cases cannot be listed without them (classes.csv: every bad row).
     """
     root = Path(root)
     try:
         spec, cases = load_dataset(root)
     except (OSError, ValueError) as error:
-        return [Problem(None, None, str(error))]
+        return [Problem(None, None, line) for line in str(error).splitlines()]  # classes.csv: a line per bad row
     if not cases:
         return [Problem(None, spec.images_dir, "no cases found")]
     problems = []

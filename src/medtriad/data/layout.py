@@ -425,36 +425,54 @@ def _parse_classes_csv(path: Path, text: str, spec: DatasetSpec,
         if task.kind == "multilabel" and present and len(present) != len(task.classes):
             raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
     result: dict[str, dict[str, ClassValue]] = {}
+    errors = []  # every bad row, one line each, so a table is fixed in one pass
     for row in reader:
         where = f"{path}, row {reader.line_num}"
-        if None in row:  # DictReader's key for cells past the header
-            raise ValueError(f"{where}: more cells than the header's {len(reader.fieldnames)} columns: {row[None]}")
-        if not any((cell or "").strip() for cell in row.values()):  # a spreadsheet's trailing ",,," row
+        try:
+            parsed = _parse_class_row(where, row, spec, unnamed)
+        except ValueError as error:
+            errors.append(str(error))
             continue
-        filled = [name for name in unnamed if (row[name] or "").strip()]
-        if filled:
-            raise ValueError(f"{where}: a value in column {filled[0].removeprefix(_UNNAMED)}, which has no name in "
-                             f"the header")
-        case_id = (row.get("case") or "").strip()
-        if not case_id:
-            raise ValueError(f"{where}: empty case id")
+        if parsed is None:
+            continue
+        case_id, values = parsed
         if case_id in result:
-            raise ValueError(f"{where}: duplicate case {case_id!r}")
-        values: dict[str, ClassValue] = {}
-        for task in spec.tasks.values():
-            if task.kind != "multilabel":
-                cell = (row.get(task.name) or "").strip()
-                if cell and cell not in task.classes:
-                    raise ValueError(f"{where}: {task.name} = {cell!r} is not one of {list(task.classes)}")
-                values[task.name] = task.classes.index(cell) if cell else None
-                continue
-            cells = [(row.get(f"{task.name}:{c}") or "").strip() for c in task.classes]
-            bad = [cell for cell in cells if cell not in ("", "0", "1")]
-            if bad or (any(cells) and not all(cells)):
-                raise ValueError(f"{where}: {task.name} cells must all be 0/1 or all empty, got {cells}")
-            values[task.name] = tuple(int(c) for c in cells) if all(cells) else None
+            errors.append(f"{where}: duplicate case {case_id!r}")
+            continue
         result[case_id] = values
+    if errors:
+        raise ValueError("\n".join(errors))
     return result
+
+
+def _parse_class_row(where: str, row: dict, spec: DatasetSpec,
+                     unnamed: list[str]) -> tuple[str, dict[str, ClassValue]] | None:
+    """One row of classes.csv: (case, {task: value}), or None for a row of empty cells; a bad row raises."""
+    if None in row:  # DictReader's key for cells past the header
+        raise ValueError(f"{where}: more cells than the header's {len(row) - 1} columns: {row[None]}")
+    if not any((cell or "").strip() for cell in row.values()):  # a spreadsheet's trailing ",,," row
+        return None
+    filled = [name for name in unnamed if (row[name] or "").strip()]
+    if filled:
+        raise ValueError(f"{where}: a value in column {filled[0].removeprefix(_UNNAMED)}, which has no name in "
+                         f"the header")
+    case_id = (row.get("case") or "").strip()
+    if not case_id:
+        raise ValueError(f"{where}: empty case id")
+    values: dict[str, ClassValue] = {}
+    for task in spec.tasks.values():
+        if task.kind != "multilabel":
+            cell = (row.get(task.name) or "").strip()
+            if cell and cell not in task.classes:
+                raise ValueError(f"{where}: {task.name} = {cell!r} is not one of {list(task.classes)}")
+            values[task.name] = task.classes.index(cell) if cell else None
+            continue
+        cells = [(row.get(f"{task.name}:{c}") or "").strip() for c in task.classes]
+        bad = [cell for cell in cells if cell not in ("", "0", "1")]
+        if bad or (any(cells) and not all(cells)):
+            raise ValueError(f"{where}: {task.name} cells must all be 0/1 or all empty, got {cells}")
+        values[task.name] = tuple(int(c) for c in cells) if all(cells) else None
+    return case_id, values
 
 
 def write_classes_csv(path: str | os.PathLike, spec: DatasetSpec, classes: dict[str, dict[str, ClassValue]]) -> None:
