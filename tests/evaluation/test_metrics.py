@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy.ndimage import gaussian_filter
-from sklearn.metrics import confusion_matrix, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
 from medtriad.evaluation.metrics import (
     classification_metrics,
@@ -193,6 +193,13 @@ def test_multiclass_matches_sklearn():
     assert result["f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
     for name, sens in zip("abc", recall_score(y, p.argmax(1), average=None)):
         assert result[f"sensitivity_{name}"] == pytest.approx(sens)
+    assert result["sensitivity"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    matrix = confusion_matrix(y, p.argmax(1))  # one vs rest: a class's negatives are the other classes' cases
+    negatives = [matrix.sum() - matrix[c].sum() for c in range(3)]
+    specificity = [(negatives[c] - matrix[:, c].sum() + matrix[c, c]) / negatives[c] for c in range(3)]
+    for name, spec in zip("abc", specificity):
+        assert result[f"specificity_{name}"] == pytest.approx(spec)
+    assert result["specificity"] == pytest.approx(np.mean(specificity))
 
 
 def test_multilabel_matches_sklearn():
@@ -202,11 +209,20 @@ def test_multilabel_matches_sklearn():
     result = classification_metrics("multilabel", p, y, ["x", "y", "z"])
     aucs = [roc_auc_score(y[:, c], p[:, c]) for c in range(3)]
     f1s = [f1_score(y[:, c], p[:, c] >= 0.5) for c in range(3)]
+    accuracies = [np.mean((p[:, c] >= 0.5) == y[:, c]) for c in range(3)]
+    sensitivities = [recall_score(y[:, c], p[:, c] >= 0.5) for c in range(3)]
+    specificities = [recall_score(y[:, c], p[:, c] >= 0.5, pos_label=0) for c in range(3)]  # recall of label absent
     for c, name in enumerate("xyz"):
         assert result[f"auc_{name}"] == pytest.approx(aucs[c])
         assert result[f"f1_{name}"] == pytest.approx(f1s[c])
+        assert result[f"accuracy_{name}"] == pytest.approx(accuracies[c])
+        assert result[f"sensitivity_{name}"] == pytest.approx(sensitivities[c])
+        assert result[f"specificity_{name}"] == pytest.approx(specificities[c])
     assert result["auc"] == pytest.approx(np.mean(aucs))
     assert result["f1"] == pytest.approx(np.mean(f1s))
+    assert result["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert result["sensitivity"] == pytest.approx(np.mean(sensitivities))
+    assert result["specificity"] == pytest.approx(np.mean(specificities))
 
 
 def test_unknown_targets_are_dropped():

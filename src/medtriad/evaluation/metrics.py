@@ -224,7 +224,7 @@ def classification_metrics(
     Samples whose target is unknown (None, NaN or -1) are dropped first; for multilabel tasks this is
     done per label. AUC (MONAI's ``compute_roc_auc``) is NaN where it is undefined, i.e. when the kept
     targets hold one class only; macro AUC averages the classes/labels where it is defined. Sensitivity,
-    specificity and F1 are likewise NaN where their denominator is zero, and macro F1 ignores those.
+    specificity and F1 are likewise NaN where their denominator is zero, and the macro means ignore those.
 
     Args:
         kind: "binary", "multiclass" or "multilabel".
@@ -234,8 +234,11 @@ def classification_metrics(
 
     Returns:
         binary: ``auc, accuracy, sensitivity, specificity, f1`` (class 1 is positive);
-        multiclass: ``auc`` (macro one-vs-rest), ``accuracy``, ``f1`` (macro), ``sensitivity_<class>``;
-        multilabel: ``auc_<label>``, ``auc`` (macro), ``f1_<label>``, ``f1`` (macro).
+        multiclass: ``auc`` (macro one-vs-rest), ``accuracy``, ``sensitivity`` and ``specificity`` (macro
+        one-vs-rest; the macro sensitivity is the balanced accuracy), ``f1`` (macro), ``sensitivity_<class>``,
+        ``specificity_<class>``;
+        multilabel: ``auc``, ``accuracy``, ``sensitivity``, ``specificity``, ``f1`` (each the macro mean over labels)
+        and each of them per label (``auc_<label>``, ``accuracy_<label>``, ...).
         Every kind also reports ``num_samples`` (known targets; per label for multilabel, the minimum).
     """
     if kind not in CLASSIFICATION_KINDS:
@@ -272,20 +275,27 @@ def classification_metrics(
             raise ValueError(f"multiclass task: target index {int(y.max())} out of range for classes {names}")
         y_onehot, pred_onehot = np.eye(k, dtype=int)[y], np.eye(k, dtype=int)[p.argmax(1)]
         confusion = _confusion(pred_onehot, y_onehot)
+        sensitivity, specificity = _rate("sensitivity", confusion), _rate("specificity", confusion)
         metrics = {
             "auc": _nanmean([_auc(p[:, c], y_onehot[:, c]) for c in range(k)]) if len(y) else float("nan"),
             "accuracy": float(np.mean(p.argmax(1) == y)) if len(y) else float("nan"),
+            "sensitivity": _nanmean(sensitivity),
+            "specificity": _nanmean(specificity),
             "f1": _nanmean(_rate("f1 score", confusion)),
         }
-        metrics.update({f"sensitivity_{n}": s for n, s in zip(names, _rate("sensitivity", confusion))})
+        metrics.update({f"sensitivity_{n}": s for n, s in zip(names, sensitivity)})
+        metrics.update({f"specificity_{n}": s for n, s in zip(names, specificity)})
         return metrics | {"num_samples": float(len(y))}
     metrics = {}
     for c, name in enumerate(names):
         p, y = probs[known[:, c], c], targets[known[:, c], c].astype(int)
+        confusion = _confusion((p >= 0.5)[:, None], y[:, None] == 1)
         metrics[f"auc_{name}"] = _auc(p, y)
-        metrics[f"f1_{name}"] = _rate("f1 score", _confusion((p >= 0.5)[:, None], y[:, None] == 1))[0]
-    metrics["auc"] = _nanmean([metrics[f"auc_{n}"] for n in names])
-    metrics["f1"] = _nanmean([metrics[f"f1_{n}"] for n in names])
+        metrics[f"accuracy_{name}"] = float(np.mean((p >= 0.5) == y)) if len(y) else float("nan")
+        for key, monai_name in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1", "f1 score")):
+            metrics[f"{key}_{name}"] = _rate(monai_name, confusion)[0]
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
+        metrics[key] = _nanmean([metrics[f"{key}_{n}"] for n in names])
     return metrics | {"num_samples": float(known.sum(0).min())}
 
 
