@@ -45,6 +45,14 @@ def test_flops_and_params_match_hand_counts():
     linear = nn.Linear(10, 5)
     assert count_flops(linear, torch.randn(3, 10)) == 2 * 3 * 10 * 5
     assert count_parameters(linear) == 10 * 5 + 5
+    # several layers, down and up as an encoder-decoder goes: a 3^3 conv at 8^3, a stride-2 conv to 4^3, a norm (not
+    # counted), a stride-2 transposed conv back to 8^3 (each of its 3 x 4^3 inputs spreads over 2^3 outputs)
+    net = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv3d(2, 3, 2, stride=2), nn.InstanceNorm3d(3),
+                        nn.ConvTranspose3d(3, 1, 2, stride=2))
+    macs = (2 * 8**3) * (1 * 27) + (3 * 4**3) * (2 * 8) + (3 * 4**3) * (1 * 8)
+    assert count_flops(net, torch.randn(1, 1, 8, 8, 8)) == 2 * macs
+    assert count_flops(net, torch.randn(2, 1, 8, 8, 8)) == 2 * 2 * macs  # a batch of two: twice the work
+    assert count_parameters(net) == (2 * 27 + 2) + (3 * 2 * 8 + 3) + (1 * 3 * 8 + 1)
     encoder = create_encoder("resenc", 2, channels=(4, 8, 16), blocks=(1, 1, 1))
     assert count_parameters(encoder) == sum(p.numel() for p in encoder.parameters())
     assert count_parameters(encoder) == sum(v.numel() for k, v in encoder.state_dict().items()
