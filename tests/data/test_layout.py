@@ -154,13 +154,13 @@ def test_bad_classes_csv_names_file_row_value(tmp_path, rows, match):
 def test_classes_csv_reports_every_bad_row_at_once(tmp_path):
     """A table with several mistakes is fixed in one pass: each bad row is named, the good ones are not."""
     path = tmp_path / "classes.csv"
-    path.write_text("case,grade,site\nc1,MGG,a\nc2,HGG,b\nc3,LGG,z\nc2,LGG,a\n,HGG,a\n")
+    path.write_text("case,grade,site\nc1,MGG,a\nc2,HGG,b\nc3,LGG,z\nc2,LGG,a\n,HGG,a\nc1,HGG,a\n")
     with pytest.raises(ValueError) as info:
         read_classes_csv(path, make_spec(tmp_path))
     lines = str(info.value).splitlines()
-    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}, row {k}" for k in (2, 4, 5, 6)]
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}, row {k}" for k in (2, 4, 5, 6, 7)]
     assert "grade = 'MGG'" in lines[0] and "site = 'z'" in lines[1] and "duplicate case 'c2'" in lines[2]
-    assert "empty case id" in lines[3]
+    assert "empty case id" in lines[3] and "duplicate case 'c1'" in lines[4]  # the repeat of a bad row too
 
 
 def test_boxes_json_round_trip_and_errors(tmp_path):

@@ -90,7 +90,7 @@ def check_dataset(root: str | os.PathLike, progress: bool = True) -> list[Proble
     try:
         spec, cases = load_dataset(root)
     except (OSError, ValueError) as error:
-        return [Problem(None, None, line) for line in str(error).splitlines()]  # classes.csv: a line per bad row
+        return [Problem(None, None, line) for line in str(error).splitlines()]  # a problem per line (classes.csv rows)
     if not cases:
         return [Problem(None, spec.images_dir, "no cases found")]
     problems = []

@@ -425,21 +425,21 @@ def _parse_classes_csv(path: Path, text: str, spec: DatasetSpec,
         if task.kind == "multilabel" and present and len(present) != len(task.classes):
             raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
     result: dict[str, dict[str, ClassValue]] = {}
-    errors = []  # every bad row, one line each, so a table is fixed in one pass
+    errors, seen = [], set()  # every bad row, one line each, so a table is fixed in one pass
     for row in reader:
         where = f"{path}, row {reader.line_num}"
+        case_id = (row.get("case") or "").strip()
+        if case_id in seen:  # also the repeat of a bad row, which would otherwise surface only after its fix
+            errors.append(f"{where}: duplicate case {case_id!r}")
+            continue
+        seen.add(case_id or None)
         try:
             parsed = _parse_class_row(where, row, spec, unnamed)
         except ValueError as error:
             errors.append(str(error))
             continue
-        if parsed is None:
-            continue
-        case_id, values = parsed
-        if case_id in result:
-            errors.append(f"{where}: duplicate case {case_id!r}")
-            continue
-        result[case_id] = values
+        if parsed is not None:
+            result[parsed[0]] = parsed[1]
     if errors:
         raise ValueError("\n".join(errors))
     return result
