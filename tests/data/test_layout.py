@@ -161,6 +161,11 @@ def test_classes_csv_reports_every_bad_row_at_once(tmp_path):
     assert [line.split(": ", 1)[0] for line in lines] == [f"{path}, row {k}" for k in (2, 4, 5, 6, 7)]
     assert "grade = 'MGG'" in lines[0] and "site = 'z'" in lines[1] and "duplicate case 'c2'" in lines[2]
     assert "empty case id" in lines[3] and "duplicate case 'c1'" in lines[4]  # the repeat of a bad row too
+    path.write_text("case,grade\nc1,MGG\nc2," + "H" * 200_000 + "\nc3,HGG\n")  # a cell over the csv module's limit
+    with pytest.raises(ValueError) as info:
+        read_classes_csv(path, make_spec(tmp_path))
+    first, unreadable = str(info.value).splitlines()  # the bad row before it is still reported
+    assert "row 2: grade = 'MGG'" in first and f"{path}, after row 2: not readable as CSV" in unreadable
 
 
 def test_boxes_json_round_trip_and_errors(tmp_path):

@@ -426,7 +426,7 @@ def _parse_classes_csv(path: Path, text: str, spec: DatasetSpec,
             raise ValueError(f"{path}: multilabel task {task.name!r} needs all columns or none, got {present}")
     result: dict[str, dict[str, ClassValue]] = {}
     errors, seen = [], set()  # every bad row, one line each, so a table is fixed in one pass
-    for row in reader:
+    for row in _readable_rows(reader, path, errors):
         where = f"{path}, row {reader.line_num}"
         case_id = (row.get("case") or "").strip()
         if case_id in seen:  # also the repeat of a bad row, which would otherwise surface only after its fix
@@ -443,6 +443,15 @@ def _parse_classes_csv(path: Path, text: str, spec: DatasetSpec,
     if errors:
         raise ValueError("\n".join(errors))
     return result
+
+
+def _readable_rows(reader: csv.DictReader, path: Path, errors: list[str]):
+    """The reader's rows up to one the csv module cannot read (e.g. a cell over its size limit), which ends the table
+    with an error of its own after those of the rows before it."""
+    try:
+        yield from reader
+    except csv.Error as error:
+        errors.append(f"{path}, after row {reader.line_num}: not readable as CSV ({error})")
 
 
 def _parse_class_row(where: str, row: dict, spec: DatasetSpec,
