@@ -434,12 +434,12 @@ def _parse_classes_csv(path: Path, text: str, spec: DatasetSpec,
             continue
         seen.add(case_id or None)
         try:
-            parsed = _parse_class_row(where, row, spec, unnamed)
+            values = _parse_class_row(where, row, case_id, spec, unnamed)
         except ValueError as error:
             errors.append(str(error))
             continue
-        if parsed is not None:
-            result[parsed[0]] = parsed[1]
+        if values is not None:
+            result[case_id] = values
     if errors:
         raise ValueError("\n".join(errors))
     return result
@@ -454,9 +454,10 @@ def _readable_rows(reader: csv.DictReader, path: Path, errors: list[str]):
         errors.append(f"{path}, after row {reader.line_num}: not readable as CSV ({error})")
 
 
-def _parse_class_row(where: str, row: dict, spec: DatasetSpec,
-                     unnamed: list[str]) -> tuple[str, dict[str, ClassValue]] | None:
-    """One row of classes.csv: (case, {task: value}), or None for a row of empty cells; a bad row raises."""
+def _parse_class_row(where: str, row: dict, case_id: str, spec: DatasetSpec,
+                     unnamed: list[str]) -> dict[str, ClassValue] | None:
+    """One row of classes.csv (its stripped ``case`` cell: ``case_id``): {task: value}, or None for a row of empty
+    cells; a bad row raises."""
     if None in row:  # DictReader's key for cells past the header
         raise ValueError(f"{where}: more cells than the header's {len(row) - 1} columns: {row[None]}")
     if not any((cell or "").strip() for cell in row.values()):  # a spreadsheet's trailing ",,," row
@@ -465,7 +466,6 @@ def _parse_class_row(where: str, row: dict, spec: DatasetSpec,
     if filled:
         raise ValueError(f"{where}: a value in column {filled[0].removeprefix(_UNNAMED)}, which has no name in "
                          f"the header")
-    case_id = (row.get("case") or "").strip()
     if not case_id:
         raise ValueError(f"{where}: empty case id")
     values: dict[str, ClassValue] = {}
@@ -481,7 +481,7 @@ def _parse_class_row(where: str, row: dict, spec: DatasetSpec,
         if bad or (any(cells) and not all(cells)):
             raise ValueError(f"{where}: {task.name} cells must all be 0/1 or all empty, got {cells}")
         values[task.name] = tuple(int(c) for c in cells) if all(cells) else None
-    return case_id, values
+    return values
 
 
 def write_classes_csv(path: str | os.PathLike, spec: DatasetSpec, classes: dict[str, dict[str, ClassValue]]) -> None:

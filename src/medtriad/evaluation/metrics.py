@@ -26,6 +26,7 @@ from monai.metrics import (
 )
 
 CLASSIFICATION_KINDS = ("binary", "multiclass", "multilabel")
+BINARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")  # also each label's of a multilabel task
 
 
 def segmentation_metrics(
@@ -259,15 +260,7 @@ def classification_metrics(
     known = _known(targets)
     if kind == "binary":
         p, y = probs[known], targets[known].astype(int)
-        confusion = _confusion((p >= 0.5)[:, None], (y == 1)[:, None])
-        return {
-            "auc": _auc(p, y),
-            "accuracy": float(np.mean((p >= 0.5) == y)) if len(y) else float("nan"),
-            "sensitivity": _rate("sensitivity", confusion)[0],
-            "specificity": _rate("specificity", confusion)[0],
-            "f1": _rate("f1 score", confusion)[0],
-            "num_samples": float(len(y)),
-        }
+        return _binary_metrics(p, y) | {"num_samples": float(len(y))}
     if kind == "multiclass":
         p, y = probs[known], targets[known].astype(int)
         k = len(names)
@@ -286,17 +279,23 @@ def classification_metrics(
         metrics.update({f"sensitivity_{n}": s for n, s in zip(names, sensitivity)})
         metrics.update({f"specificity_{n}": s for n, s in zip(names, specificity)})
         return metrics | {"num_samples": float(len(y))}
-    metrics = {}
-    for c, name in enumerate(names):
-        p, y = probs[known[:, c], c], targets[known[:, c], c].astype(int)
-        confusion = _confusion((p >= 0.5)[:, None], y[:, None] == 1)
-        metrics[f"auc_{name}"] = _auc(p, y)
-        metrics[f"accuracy_{name}"] = float(np.mean((p >= 0.5) == y)) if len(y) else float("nan")
-        for key, monai_name in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1", "f1 score")):
-            metrics[f"{key}_{name}"] = _rate(monai_name, confusion)[0]
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
-        metrics[key] = _nanmean([metrics[f"{key}_{n}"] for n in names])
+    per_label = {name: _binary_metrics(probs[known[:, c], c], targets[known[:, c], c].astype(int))
+                 for c, name in enumerate(names)}  # each label is a binary task of its own
+    metrics = {f"{key}_{name}": value for name, found in per_label.items() for key, value in found.items()}
+    metrics.update({key: _nanmean([found[key] for found in per_label.values()]) for key in BINARY_METRICS})
     return metrics | {"num_samples": float(known.sum(0).min())}
+
+
+def _binary_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """AUC, and accuracy, sensitivity, specificity, F1 at p >= 0.5, of P(positive) ``p`` against 0/1 targets ``y``."""
+    confusion = _confusion((p >= 0.5)[:, None], (y == 1)[:, None])
+    return {
+        "auc": _auc(p, y),
+        "accuracy": float(np.mean((p >= 0.5) == y)) if len(y) else float("nan"),
+        "sensitivity": _rate("sensitivity", confusion)[0],
+        "specificity": _rate("specificity", confusion)[0],
+        "f1": _rate("f1 score", confusion)[0],
+    }
 
 
 def _nanmean(values: Sequence[float]) -> float:
