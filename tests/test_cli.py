@@ -61,3 +61,22 @@ def test_set_values_in_e_notation_and_bad_yaml_and_os_errors(synth_dataset, tmp_
     assert main(["import", "brats", str(source), str(blocker / "out"), "-q"]) == 2  # an OSError: a file as parent
     err = capsys.readouterr().err
     assert "medtriad import: error:" in err and "a-file" in err and "Traceback" not in err
+
+
+def test_an_error_of_several_lines_reads_as_one(synth_dataset, tmp_path, capsys):
+    """Every bad row of classes.csv is reported; the lines after the first are indented beneath the one
+    ``medtriad train: error:`` line instead of standing unprefixed at the margin."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    table = data / "classes.csv"
+    header, first, second, *rest = table.read_text().splitlines()
+    bad = [first.split(",")[0] + ",MGG", second.split(",")[0] + ",high"]
+    table.write_text("\n".join([header, *bad, *rest]) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", str(data), "-c", "tiny", "-o", str(run), "-q"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("medtriad train: error: ") and len(lines) >= 3
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert any("row 2" in line and "MGG" in line for line in lines) and any("row 3" in line and "high" in line
+                                                                             for line in lines)
+    assert "Traceback" not in "\n".join(lines) and not (run / "checkpoints").exists()

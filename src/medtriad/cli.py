@@ -91,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(args.dataset, config, run, fold=args.fold, resume=args.resume, device=args.device,
                        progress=not args.quiet)
     except TrainingDivergedError as error:
-        print(f"medtriad train: error: {error}", file=sys.stderr)
+        print(error_message("train", error), file=sys.stderr)
         return 3
     print(f"run folder: {result.run_dir} (epochs {result.epochs_done}, best validation score {result.best_score:.4f})")
     return 0
@@ -297,6 +297,13 @@ def warning_format(command: str, default):
     return format_warning
 
 
+def error_message(command: str, error: BaseException) -> str:
+    """``medtriad COMMAND: error: ...``; the later lines of a message of several (every bad row of a classes.csv, the
+    problems of a dataset that failed ``check``) indented beneath it, so that each reads as part of the one error."""
+    first, *rest = str(error).splitlines() or [""]
+    return "\n".join([f"medtriad {command}: error: {first}", *(f"  {line}" for line in rest)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     default = warnings.formatwarning
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CaseFileError, ValueError, OSError) as error:  # OSError: a missing file, a folder without write access
-        print(f"medtriad {args.command}: error: {error}", file=sys.stderr)
+        print(error_message(args.command, error), file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = default
