@@ -2,7 +2,7 @@
 
 `medtriad evaluate RUN1 RUN2 ... DATASET` averages the members' class probabilities case by case; when each member
 has already been evaluated on the same split with the same inference settings, averaging the `p_TASK_CLASS`
-columns of their `per_case.csv` gives the same probabilities (to the CSV's 6 decimals; checked on the eleventh
+columns of their `per_case.csv` gives the same probabilities (to the CSV's 6 significant digits; checked on the eleventh
 session's two- and four-run vessel ensembles: identical AUC, largest difference 8e-7) in seconds instead of minutes.
 Binary and multi-class tasks (one `target_TASK` column each).
 
