@@ -2,6 +2,7 @@
 # brats_single_task_heads.sh): how they import the shared sample, train a run for the recipe's 60 minutes at one
 # thread (two runs side by side on 2 cores) and evaluate its final weights on the fold's held-out cases.
 # brats_cpu.sh (one run alone on 2 threads) uses only brats_dataset.
+# case_level_classification.sh (MedMNIST) uses only overrides_to_sets.
 
 brats_dataset() {  # WORKDIR: the shared BraTS sample imported into WORKDIR/dataset, unless it is there already
   local data
