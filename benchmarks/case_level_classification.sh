@@ -5,11 +5,13 @@
 #   W: whole volume per sample (patch 64^3, batch 4)
 #   P: 32^3 patches (batch 32: the same voxels per batch), attention pooled over every window of the volume at
 #      inference (27 windows with the recipe's overlap 0.25)
-# Usage: bash benchmarks/case_level_classification.sh WORKDIR [MINUTES]   (10 in docs/benchmarks.md)
+# Usage: bash benchmarks/case_level_classification.sh WORKDIR [MINUTES] [SEED]   (10 in docs/benchmarks.md; seed 0
+#   unless given: training.seed, the data order, augmentation and initial weights)
 #   results in WORKDIR/{W,P}/evaluation_val_last/summary.json and a line per arm on stdout.
 set -euo pipefail
 work=${1:?WORKDIR}
 minutes=${2:-10}
+seed=${3:-0}
 data=${MEDMNIST:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/medmnist3d}
 mkdir -p "$work"
 [ -d "$work/adrenal64" ] || medtriad import medmnist "$data/adrenalmnist3d_64.npz" "$work/adrenal64" --task adrenal -q
@@ -20,7 +22,7 @@ for arm in W P; do
   overrides_to_sets "${overrides[$arm]}"
   rm -rf "${work:?}/$arm"  # a rerun trains afresh (medtriad train refuses a folder that holds a run)
   OMP_NUM_THREADS=2 medtriad train "$work/adrenal64" -c medmnist-cnn -o "$work/$arm" -q \
-      --set "training.max_minutes=$minutes" "${SETS[@]}" > "$work/$arm.log" 2>&1
+      --set "training.max_minutes=$minutes" --set "training.seed=$seed" "${SETS[@]}" > "$work/$arm.log" 2>&1
   OMP_NUM_THREADS=2 medtriad evaluate "$work/$arm" "$work/adrenal64" --split val --checkpoint last -q >> "$work/$arm.log"
 done
 python - "$work" <<'PY'
